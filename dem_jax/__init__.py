@@ -1,3 +1,24 @@
-"""dem-jax: Distribution Edited Models in JAX."""
+"""dem-jax: Distribution Edited Models in JAX.
+
+The public API is re-exported here; see :mod:`dem_jax.api`.
+"""
 
 __version__ = "0.1.0"
+
+from dem_jax.api import forward, init_model, load_model, save_model
+from dem_jax.config import ModelConfig, RopeScaling
+from dem_jax.errors import DemError
+from dem_jax.modeldir import Model
+from dem_jax.sharding import make_mesh
+
+__all__ = [
+    "DemError",
+    "Model",
+    "ModelConfig",
+    "RopeScaling",
+    "forward",
+    "init_model",
+    "load_model",
+    "make_mesh",
+    "save_model",
+]

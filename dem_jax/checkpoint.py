@@ -1,0 +1,92 @@
+"""dem-jax model directories: Orbax parameters + model config + assets.
+
+Parameters are saved with their shardings' metadata and restored straight
+onto the shardings asked for, so a model never has to fit on one host.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from jax.sharding import Mesh
+
+from dem_jax.config import ModelConfig
+from dem_jax.errors import DemError
+from dem_jax.hf.checkpoint import read_json
+from dem_jax.model import param_shapes
+from dem_jax.modeldir import DEM_METADATA, Model, atomic_directory, copy_assets
+from dem_jax.sharding import param_shardings
+
+FORMAT_NAME = "dem-jax-model"
+FORMAT_VERSION = 1
+PARAMS_DIR = "params"
+
+
+def save_orbax(
+    model: Model, out: str | os.PathLike, dtype: str | None = None, overwrite: bool = False
+) -> Path:
+    """Write ``model`` as a dem-jax directory, atomically."""
+    params, config = model.params, model.config
+    if dtype is not None and dtype != config.param_dtype:
+        config = config.replace(param_dtype=dtype)
+        params = jax.tree.map(lambda x: x.astype(dtype), params)
+    meta = {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "model": config.to_dict(),
+        "hf_config": model.hf_config,
+        "metadata": model.metadata,
+    }
+    with atomic_directory(out, overwrite) as tmp:
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save((tmp / PARAMS_DIR).absolute(), params)
+        checkpointer.wait_until_finished()
+        (tmp / DEM_METADATA).write_text(json.dumps(meta, indent=2) + "\n")
+        copy_assets(model.assets_dir, tmp)
+    return Path(out)
+
+
+def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
+    """The parsed ``dem_jax_model.json`` of a dem-jax directory, validated."""
+    path = Path(directory) / DEM_METADATA
+    meta = read_json(path)
+    if meta.get("format") != FORMAT_NAME:
+        raise DemError(f"{path}: format is {meta.get('format')!r}, expected {FORMAT_NAME!r}")
+    if meta.get("version") != FORMAT_VERSION:
+        raise DemError(f"{path}: unsupported version {meta.get('version')!r}")
+    if not isinstance(meta.get("model"), dict):
+        raise DemError(f"{path}: missing the 'model' config")
+    return meta
+
+
+def load_orbax(directory: str | os.PathLike, mesh: Mesh | None = None, dtype: str | None = None):
+    """Restore a dem-jax directory onto ``mesh`` (or the default device)."""
+    directory = Path(directory)
+    meta = read_metadata(directory)
+    config = ModelConfig.from_dict(meta["model"], where=str(directory / DEM_METADATA))
+    params_dir = (directory / PARAMS_DIR).absolute()
+    if not params_dir.is_dir():
+        raise DemError(f"{params_dir}: missing parameter checkpoint")
+    target = jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+        param_shapes(config),
+        param_shardings(config, mesh),
+    )
+    try:
+        params = ocp.StandardCheckpointer().restore(params_dir, target)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        raise DemError(f"{params_dir}: does not match {DEM_METADATA} ({_first_line(e)})") from None
+    model = Model(config, params, meta.get("hf_config"), directory, meta.get("metadata") or {})
+    if dtype is not None and dtype != config.param_dtype:
+        model.config = config.replace(param_dtype=dtype)
+        model.params = jax.tree.map(lambda x: x.astype(dtype), params)
+    return model
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__

@@ -1,0 +1,120 @@
+"""Model directories: what a loaded model is, which kind a path holds, and
+writing a directory so that it is complete or absent.
+
+Two kinds of directory are accepted wherever a model path is asked for:
+
+* a Hugging Face directory: ``config.json`` + ``*.safetensors`` (one file, or
+  shards with ``model.safetensors.index.json``);
+* a dem-jax directory: ``dem_jax_model.json`` (the model config, and the
+  Hugging Face config it came from, if any) + ``params/`` (Orbax).
+
+Both may hold tokenizer files and ``generation_config.json``; they travel with
+the weights through every conversion.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dem_jax.config import ModelConfig
+from dem_jax.errors import DemError
+
+DEM_METADATA = "dem_jax_model.json"
+HF_CONFIG = "config.json"
+
+# Files copied along with the weights: tokenizer and generation settings.
+_ASSET_NAMES = {
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "generation_config.json",
+    "chat_template.jinja",
+    "chat_template.json",
+}
+
+
+@dataclass
+class Model:
+    """A model in memory: its config, its parameters and where its assets live."""
+
+    config: ModelConfig
+    params: dict[str, Any]  # nested dict of jax.Arrays, laid out as dem_jax.model builds it
+    hf_config: dict[str, Any] | None = None  # the config.json the weights came from
+    assets_dir: Path | None = None  # directory holding tokenizer/generation files
+    metadata: dict[str, Any] = field(default_factory=dict)  # free-form provenance
+
+
+def model_format(path: str | os.PathLike) -> str:
+    """``"hf"`` or ``"orbax"`` for a model directory; DemError if it is neither."""
+    p = Path(path)
+    if not p.exists():
+        raise DemError(f"{p}: model path does not exist")
+    if not p.is_dir():
+        raise DemError(f"{p}: model path is not a directory")
+    if (p / DEM_METADATA).is_file():
+        return "orbax"
+    if (p / HF_CONFIG).is_file():
+        return "hf"
+    raise DemError(
+        f"{p}: not a model directory (expected config.json + *.safetensors for Hugging Face, "
+        f"or {DEM_METADATA} + params/ for dem-jax)"
+    )
+
+
+def asset_files(directory: str | os.PathLike | None) -> list[Path]:
+    """Tokenizer and generation-config files in a directory."""
+    if directory is None:
+        return []
+    return sorted(
+        f
+        for f in Path(directory).iterdir()
+        if f.is_file() and (f.name in _ASSET_NAMES or f.name.startswith("tokenizer"))
+    )
+
+
+def copy_assets(src: str | os.PathLike | None, dst: str | os.PathLike) -> list[str]:
+    """Copy tokenizer/generation files from ``src`` into ``dst``; returns the names."""
+    names = []
+    for f in asset_files(src):
+        shutil.copy2(f, Path(dst) / f.name)
+        names.append(f.name)
+    return names
+
+
+@contextlib.contextmanager
+def atomic_directory(dst: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling of ``dst`` to fill; rename it to ``dst`` on success.
+
+    On any error the temporary directory is removed and ``dst`` is untouched,
+    so readers see either the complete output or nothing new. With
+    ``overwrite`` an existing ``dst`` is replaced only after the new one is
+    complete.
+    """
+    dst = Path(dst)
+    if dst.exists() and not overwrite:
+        raise DemError(f"{dst}: output already exists (pass --overwrite to replace it)")
+    if not dst.parent.exists():
+        raise DemError(f"{dst.parent}: output's parent directory does not exist")
+    tmp = dst.parent / f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        if dst.exists():
+            old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
+            dst.rename(old)
+            tmp.rename(dst)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,145 @@
+"""Tiny random Hugging Face models built inside the tests (no downloads).
+
+Sizes are small primes where a size is free, so a transposed or mixed-up
+dimension cannot go unnoticed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+VOCAB = 101
+
+# name -> (config class, kwargs); each is one case the parity tests must cover.
+CASES = {
+    "llama_mha": ("LlamaConfig", dict(num_attention_heads=4, num_key_value_heads=4)),
+    "llama_gqa": ("LlamaConfig", dict(num_attention_heads=4, num_key_value_heads=2)),
+    "llama_mqa": ("LlamaConfig", dict(num_attention_heads=4, num_key_value_heads=1)),
+    "llama_bias_headdim": (
+        "LlamaConfig",
+        dict(num_attention_heads=4, num_key_value_heads=2, head_dim=10, attention_bias=True),
+    ),
+    "llama3_rope": (
+        "LlamaConfig",
+        dict(
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rope_theta=500000.0,
+            rope_scaling=dict(
+                rope_type="llama3",
+                factor=8.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=8,
+            ),
+        ),
+    ),
+    "llama_linear_rope": (
+        "LlamaConfig",
+        dict(
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rope_scaling=dict(rope_type="linear", factor=3.0),
+        ),
+    ),
+    "llama_tied": (
+        "LlamaConfig",
+        dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
+    ),
+    "mistral": (
+        "MistralConfig",
+        dict(num_attention_heads=4, num_key_value_heads=2, sliding_window=5),
+    ),
+    "qwen2_bias": ("Qwen2Config", dict(num_attention_heads=4, num_key_value_heads=2)),
+    "qwen2_tied_window": (
+        "Qwen2Config",
+        dict(
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+            use_sliding_window=True,
+            sliding_window=4,
+            max_window_layers=1,
+        ),
+    ),
+}
+
+
+def hf_config(case: str, **overrides):
+    """A transformers config for one of CASES."""
+    import transformers
+
+    cls_name, kwargs = CASES[case]
+    base = dict(
+        vocab_size=VOCAB,
+        hidden_size=40,
+        intermediate_size=56,
+        num_hidden_layers=3,
+        max_position_embeddings=64,
+        rms_norm_eps=1e-5,
+    )
+    return getattr(transformers, cls_name)(**{**base, **kwargs, **overrides})
+
+
+def build_hf_model(case: str, seed: int = 0, dtype=None, **overrides):
+    """A random transformers model; norms and biases perturbed so they matter."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    config = hf_config(case, **overrides)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    if dtype is not None:
+        model = model.to(dtype)
+    return model.eval()
+
+
+def save_tokenizer(directory: Path, vocab_size: int = VOCAB) -> None:
+    """A tiny word-level fast tokenizer with ``vocab_size`` tokens."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    vocab.update({f"w{i}": i for i in range(3, vocab_size)})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
+    fast.save_pretrained(directory)
+
+
+def save_hf_model(
+    case: str, directory: Path, seed: int = 0, dtype=None, tokenizer=True, **overrides
+):
+    """Build, save_pretrained into ``directory`` (with a tokenizer) and return the model."""
+    model = build_hf_model(case, seed, dtype, **overrides)
+    model.save_pretrained(directory)
+    if tokenizer:
+        save_tokenizer(directory)
+    return model
+
+
+def random_tokens(batch: int = 2, length: int = 11, seed: int = 0) -> np.ndarray:
+    """Token ids in range for VOCAB."""
+    return np.random.default_rng(seed).integers(0, VOCAB, (batch, length))
+
+
+def torch_logits(model, tokens, attention_mask=None, position_ids=None) -> np.ndarray:
+    """float32 logits from a transformers model."""
+    import torch
+
+    kwargs = {}
+    if attention_mask is not None:
+        kwargs["attention_mask"] = torch.tensor(np.asarray(attention_mask))
+    if position_ids is not None:
+        kwargs["position_ids"] = torch.tensor(np.asarray(position_ids))
+    with torch.no_grad():
+        out = model(torch.tensor(np.asarray(tokens)), **kwargs).logits
+    return out.float().numpy()
