@@ -72,20 +72,44 @@ def load_orbax(directory: str | os.PathLike, mesh: Mesh | None = None, dtype: st
     params_dir = (directory / PARAMS_DIR).absolute()
     if not params_dir.is_dir():
         raise DemError(f"{params_dir}: missing parameter checkpoint")
+    _check_stored_shapes(params_dir, param_shapes(config))
     target = jax.tree.map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
         param_shapes(config),
         param_shardings(config, mesh),
     )
-    try:
-        params = ocp.StandardCheckpointer().restore(params_dir, target)
-    except (ValueError, KeyError, FileNotFoundError) as e:
-        raise DemError(f"{params_dir}: does not match {DEM_METADATA} ({_first_line(e)})") from None
+    params = ocp.StandardCheckpointer().restore(params_dir, target)
     model = Model(config, params, meta.get("hf_config"), directory, meta.get("metadata") or {})
     if dtype is not None and dtype != config.param_dtype:
         model.config = config.replace(param_dtype=dtype)
         model.params = jax.tree.map(lambda x: x.astype(dtype), params)
     return model
+
+
+def _check_stored_shapes(params_dir: Path, expected: dict[str, Any]) -> None:
+    """Compare the checkpoint's array metadata with the config before restoring, so a
+    mismatch is one clear message rather than an error deep inside Orbax."""
+    try:
+        stored = ocp.StandardCheckpointer().metadata(params_dir).item_metadata.tree
+    except Exception as e:  # Orbax raises many types for unreadable checkpoints
+        raise DemError(f"{params_dir}: unreadable Orbax checkpoint ({_first_line(e)})") from None
+    want = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(expected)}
+    have = {
+        jax.tree_util.keystr(k): v
+        for k, v in jax.tree_util.tree_leaves_with_path(
+            stored, is_leaf=lambda x: hasattr(x, "shape")
+        )
+    }
+    for key in sorted(want.keys() | have.keys()):
+        if key not in have:
+            raise DemError(f"{params_dir}: missing parameter {key}")
+        if key not in want:
+            raise DemError(f"{params_dir}: unexpected parameter {key} for {DEM_METADATA}")
+        if tuple(have[key].shape) != tuple(want[key].shape):
+            raise DemError(
+                f"{params_dir}: parameter {key} has shape {list(have[key].shape)}, "
+                f"{DEM_METADATA} implies {list(want[key].shape)}"
+            )
 
 
 def _first_line(e: Exception) -> str:

@@ -10,6 +10,7 @@ import re
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from dem_jax.errors import DemError
 
@@ -70,6 +71,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
             f"{args.src}: is {kind[found]} directory, but {args.direction} "
             f"needs {kind[want]} directory"
         )
+    if Path(args.dst).exists() and not args.overwrite:
+        raise DemError(f"{args.dst}: output already exists (pass --overwrite to replace it)")
     start = time.perf_counter()
     model = load_model(args.src, mesh=parse_mesh(args.mesh), dtype=args.dtype)
     c = model.config

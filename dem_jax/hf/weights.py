@@ -181,13 +181,15 @@ def read_params(
 
         def callback(index, tmap=tmap, shape=tuple(spec.shape), target=target):
             if not tmap.stacked:
-                return _read_block(ckpt, tmap, tmap.hf_name, shape, index).astype(target)
+                return _read_block(ckpt, tmap, tmap.hf_name, shape, index).astype(
+                    target, copy=False
+                )
             layers = range(*index[0].indices(shape[0]))
             blocks = [
                 _read_block(ckpt, tmap, tmap.hf_name.format(i=i), shape[1:], index[1:])
                 for i in layers
             ]
-            return np.stack(blocks).astype(target)
+            return np.stack(blocks).astype(target, copy=False)
 
         array = jax.make_array_from_callback(
             tuple(spec.shape), _get(shardings, tmap.path), callback
