@@ -158,3 +158,125 @@ class ModelConfig:
             return cls(**data)
         except TypeError as e:  # a missing required field
             raise DemError(f"{where}: {e}") from None
+
+
+# --------------------------------------------------------------------------
+# Run configuration: one YAML file drives training, scoring, search and the
+# pipeline. Every field has a comment; unknown keys and wrong types are
+# reported with their dotted path.
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class MeshConfig:
+    """Device mesh; one size may be -1 for "all remaining devices"."""
+
+    data: int = 1  # pure data parallelism
+    fsdp: int = -1  # data parallelism with sharded params and optimizer state
+    tensor: int = 1  # tensor parallelism over heads / MLP / vocab
+
+
+@dataclass
+class DistributionConfig:
+    """One data distribution: a training file and how to validate on it."""
+
+    train: str  # JSONL file: {"text": ...} or {"prompt": ..., "completion": ...}
+    validation: str | None = None  # held-out JSONL; default: split off validation_fraction
+    validation_fraction: float = 0.1  # used when `validation` is not given
+    max_examples: int | None = None  # read at most this many training records
+
+
+@dataclass
+class DataConfig:
+    """Tokenisation, packing and the distributions to train on."""
+
+    distributions: dict[str, DistributionConfig] = field(default_factory=dict)
+    tokenizer: str | None = None  # tokenizer directory; default: the base model's
+    seq_len: int = 512  # tokens per training row
+    packing: bool = True  # pack several documents per row (segment ids keep them apart)
+    prompt_template: str = "{prompt}"  # applied to `prompt` of prompt/completion records
+    add_bos: bool = True  # prepend the tokenizer's BOS token, if it has one
+    add_eos: bool = True  # append EOS, so models learn to stop
+    shuffle_seed: int = 0  # data order; fixed so runs and resumes are reproducible
+    # Mixture for the data-mixing baseline: "uniform", "size" (proportional to
+    # training tokens) or an explicit {name: weight} mapping.
+    mixture: str | dict[str, float] = "uniform"
+
+    def __post_init__(self):
+        if self.seq_len < 2:
+            raise DemError(f"data.seq_len must be >= 2, got {self.seq_len}")
+        if isinstance(self.mixture, str) and self.mixture not in ("uniform", "size"):
+            raise DemError(
+                f"data.mixture must be 'uniform', 'size' or a mapping, got {self.mixture!r}"
+            )
+        for name, dist in self.distributions.items():
+            if not 0.0 < dist.validation_fraction < 1.0:
+                raise DemError(f"data.distributions.{name}.validation_fraction must be in (0, 1)")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and checkpointing for one fine-tuning run."""
+
+    steps: int = 100  # optimizer steps
+    batch_size: int = 8  # global rows per optimizer step (across all hosts)
+    grad_accum: int = 1  # micro-batches per step; batch_size must divide by it
+    learning_rate: float = 3e-4  # peak learning rate
+    warmup_steps: int = 10  # linear warmup from 0
+    schedule: str = "cosine"  # decay after warmup: cosine, linear or constant
+    min_lr_ratio: float = 0.1  # final learning rate as a fraction of the peak
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # global-norm clipping; 0 disables
+    param_dtype: str = "float32"  # master weights
+    compute_dtype: str = "bfloat16"  # activations and matmuls
+    remat: bool = False  # recompute activations in the backward pass
+    seed: int = 0  # parameter init (when training from scratch) and dropout-free RNG
+    eval_every: int = 50  # validation every N steps (0: only at the end)
+    eval_batches: int = 0  # validation batches per evaluation; 0 = the whole split
+    log_every: int = 10  # metrics line every N steps
+    checkpoint_every: int = 50  # save every N steps (0: only at the end)
+    keep_checkpoints: int = 2  # keep the last N checkpoints
+    async_checkpoint: bool = True  # save in the background while training continues
+
+    def __post_init__(self):
+        if self.steps <= 0 or self.batch_size <= 0 or self.grad_accum <= 0:
+            raise DemError("train.steps, train.batch_size and train.grad_accum must be positive")
+        if self.batch_size % self.grad_accum:
+            raise DemError(
+                f"train.batch_size ({self.batch_size}) must be divisible by "
+                f"train.grad_accum ({self.grad_accum})"
+            )
+        if self.schedule not in ("cosine", "linear", "constant"):
+            raise DemError(
+                f"train.schedule must be cosine, linear or constant, got {self.schedule!r}"
+            )
+        for name in ("param_dtype", "compute_dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise DemError(f"train.{name}: {getattr(self, name)!r} is not one of {DTYPES}")
+
+
+@dataclass
+class BaseModelConfig:
+    """Where the base model comes from."""
+
+    path: str | None = None  # Hugging Face or dem-jax directory
+    # Architecture for a model initialised from scratch (tiny configs, tests).
+    init: dict[str, Any] | None = None
+
+
+@dataclass
+class RunConfig:
+    """Everything one dem-jax run needs."""
+
+    output_dir: str  # all outputs: checkpoints, models, vectors, reports
+    model: BaseModelConfig = field(default_factory=BaseModelConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        if (self.model.path is None) == (self.model.init is None):
+            raise DemError("model: give exactly one of model.path and model.init")

@@ -1,0 +1,1 @@
+"""Data: JSONL records -> token ids with loss masks -> packed or padded rows -> batches."""
