@@ -268,6 +268,25 @@ class BaseModelConfig:
 
 
 @dataclass
+class SearchConfig:
+    """How merge weights (omega) are chosen by validation perplexity."""
+
+    strategy: str = "grid"  # grid, random (Dirichlet samples) or gradient
+    # grid: candidate values, one list for every distribution or {name: list}.
+    grid: list[float] | dict[str, list[float]] = field(default_factory=lambda: [0.0, 0.5, 1.0])
+    samples: int = 16  # random: number of candidates
+    concentration: float = 1.0  # random: Dirichlet concentration
+    scale: float = 1.0  # random: samples are scaled to sum to this
+    steps: int = 30  # gradient: optimisation steps
+    learning_rate: float = 0.05  # gradient: step size on omega
+    per_layer: bool = False  # gradient: one omega per layer and distribution
+    objective: str = "mean_log_ppl"  # mean over distributions of log-perplexity
+    batch_size: int = 8  # validation rows per forward pass
+    max_batches: int = 0  # validation batches per distribution; 0 = all
+    seed: int = 0
+
+
+@dataclass
 class RunConfig:
     """Everything one dem-jax run needs."""
 
@@ -276,6 +295,7 @@ class RunConfig:
     mesh: MeshConfig = field(default_factory=MeshConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
 
     def __post_init__(self):
         if (self.model.path is None) == (self.model.init is None):

@@ -1,0 +1,50 @@
+"""Where a run keeps its outputs, under ``RunConfig.output_dir``.
+
+Every stage reads and writes through these paths so stages can be re-run,
+skipped when complete, or run by hand in any order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+MIXTURE = "mixture"  # name of the data-mixing baseline's training run
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """Paths of one run's outputs."""
+
+    root: Path
+
+    @property
+    def base_model(self) -> Path:
+        """The base model, when the run initialises (or pretrains) it itself."""
+        return self.root / "models" / "base"
+
+    def model(self, name: str) -> Path:
+        """Final fine-tuned model directory of one distribution (or MIXTURE)."""
+        return self.root / "models" / name
+
+    def checkpoints(self, name: str) -> Path:
+        """Orbax CheckpointManager directory of one training run."""
+        return self.root / "checkpoints" / name
+
+    def metrics(self, name: str) -> Path:
+        """JSONL training/validation metrics of one training run."""
+        return self.root / "logs" / f"{name}.jsonl"
+
+    def vector(self, name: str) -> Path:
+        """Distribution vector of one distribution."""
+        return self.root / "vectors" / name
+
+    @property
+    def search_dir(self) -> Path:
+        """Weight-search table, plot and chosen weights."""
+        return self.root / "search"
+
+    @property
+    def merged_model(self) -> Path:
+        """The DEM model: base + chosen weighted vectors."""
+        return self.root / "models" / "dem"
