@@ -46,8 +46,9 @@ def save_orbax(
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save((tmp / PARAMS_DIR).absolute(), params)
         checkpointer.wait_until_finished()
-        (tmp / DEM_METADATA).write_text(json.dumps(meta, indent=2) + "\n")
-        copy_assets(model.assets_dir, tmp)
+        if jax.process_index() == 0:  # every process saved its shards; one writes the rest
+            (tmp / DEM_METADATA).write_text(json.dumps(meta, indent=2) + "\n")
+            copy_assets(model.assets_dir, tmp)
     return Path(out)
 
 

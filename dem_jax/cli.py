@@ -8,9 +8,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-import time
 from collections.abc import Sequence
-from pathlib import Path
 
 from dem_jax.errors import DemError
 
@@ -54,84 +52,39 @@ def parse_mesh(text: str | None):
     return make_mesh(**sizes)
 
 
-def _log(message: str) -> None:
+def log(message: str) -> None:
+    """A progress or status line on stderr (stdout stays for results)."""
     print(message, file=sys.stderr, flush=True)
 
 
-def cmd_convert(args: argparse.Namespace) -> int:
-    """hf-to-orbax / orbax-to-hf."""
-    from dem_jax.api import load_model, save_model
-    from dem_jax.modeldir import model_format
-
-    want = "hf" if args.direction == "hf-to-orbax" else "orbax"
-    found = model_format(args.src)
-    if found != want:
-        kind = {"hf": "a Hugging Face", "orbax": "a dem-jax"}
-        raise DemError(
-            f"{args.src}: is {kind[found]} directory, but {args.direction} "
-            f"needs {kind[want]} directory"
-        )
-    if Path(args.dst).exists() and not args.overwrite:
-        raise DemError(f"{args.dst}: output already exists (pass --overwrite to replace it)")
-    start = time.perf_counter()
-    model = load_model(args.src, mesh=parse_mesh(args.mesh), dtype=args.dtype)
-    c = model.config
-    _log(
-        f"loaded {args.src}: {c.architecture}, {c.num_layers} layers, "
-        f"{c.num_params / 1e6:.2f}M params, {c.param_dtype} ({time.perf_counter() - start:.1f}s)"
-    )
-    fmt = "orbax" if want == "hf" else "hf"
-    kwargs = {"max_shard_bytes": parse_size(args.max_shard_size)} if fmt == "hf" else {}
-    out = save_model(model, args.dst, format=fmt, overwrite=args.overwrite, **kwargs)
-    _log(f"wrote {out} ({time.perf_counter() - start:.1f}s)")
-    return 0
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    """Until the full DEM pipeline lands: a converter round trip on a tiny built-in model."""
-    from dem_jax.demo import run_demo
-
-    return run_demo(args.out)
+# Subcommand modules in dem_jax.commands, in --help order.
+COMMANDS = ("demo", "convert", "train")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every subcommand."""
+    import importlib
+
     parser = argparse.ArgumentParser(
         prog="dem-jax", description="Distribution Edited Models (DEM) in JAX."
     )
     sub = parser.add_subparsers(dest="command", required=True)
-
-    demo = sub.add_parser("demo", help="run the built-in demo on CPU")
-    demo.add_argument("--out", default="dem_jax_demo", help="output directory")
-    demo.set_defaults(func=cmd_demo)
-
-    convert = sub.add_parser("convert", help="convert between Hugging Face and dem-jax formats")
-    convert.add_argument("direction", choices=["hf-to-orbax", "orbax-to-hf"])
-    convert.add_argument("src", help="source model directory")
-    convert.add_argument("dst", help="destination directory (must not exist)")
-    convert.add_argument(
-        "--dtype",
-        choices=["float32", "bfloat16", "float16"],
-        help="cast parameters (default: keep the stored dtype)",
-    )
-    convert.add_argument(
-        "--max-shard-size",
-        default="5GB",
-        help="largest safetensors shard when writing HF (default 5GB)",
-    )
-    convert.add_argument("--mesh", help="load onto a device mesh, e.g. fsdp=2,tensor=4")
-    convert.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace dst if it exists (only once the new one is complete)",
-    )
-    convert.set_defaults(func=cmd_convert)
+    for name in COMMANDS:
+        importlib.import_module(f"dem_jax.commands.{name}").register(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``dem-jax`` and ``python -m dem_jax``."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # key=value overrides may follow options (argparse alone only takes them
+    # before), so collect leftovers that look like overrides.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
     except DemError as e:

@@ -269,21 +269,55 @@ class BaseModelConfig:
 
 @dataclass
 class SearchConfig:
-    """How merge weights (omega) are chosen by validation perplexity."""
+    """How merge weights (omega) are chosen by validation perplexity (see dem_jax.search)."""
 
     strategy: str = "grid"  # grid, random (Dirichlet samples) or gradient
+    # Distributions to merge (each must be in data.distributions); default: all of them.
+    distributions: list[str] | None = None
     # grid: candidate values, one list for every distribution or {name: list}.
     grid: list[float] | dict[str, list[float]] = field(default_factory=lambda: [0.0, 0.5, 1.0])
     samples: int = 16  # random: number of candidates
     concentration: float = 1.0  # random: Dirichlet concentration
     scale: float = 1.0  # random: samples are scaled to sum to this
-    steps: int = 30  # gradient: optimisation steps
-    learning_rate: float = 0.05  # gradient: step size on omega
+    steps: int = 30  # gradient: optimisation steps (each one forward and one backward pass)
+    learning_rate: float = 0.05  # gradient: Adam step size on omega
+    init: float = 0.5  # gradient: starting value of every omega
     per_layer: bool = False  # gradient: one omega per layer and distribution
-    objective: str = "mean_log_ppl"  # mean over distributions of log-perplexity
+    # mean_log_ppl: mean over distributions of log-perplexity on their own split;
+    # weighted_log_ppl: the same with objective_weights; max_log_ppl: the worst one.
+    objective: str = "mean_log_ppl"
+    objective_weights: dict[str, float] | None = None  # weighted_log_ppl: {name: weight}
     batch_size: int = 8  # validation rows per forward pass
     max_batches: int = 0  # validation batches per distribution; 0 = all
-    seed: int = 0
+    seed: int = 0  # random: sampling seed
+
+    def __post_init__(self):
+        if self.strategy not in ("grid", "random", "gradient"):
+            raise DemError(
+                f"search.strategy must be grid, random or gradient, got {self.strategy!r}"
+            )
+        if self.objective not in ("mean_log_ppl", "weighted_log_ppl", "max_log_ppl"):
+            raise DemError(
+                "search.objective must be mean_log_ppl, weighted_log_ppl or max_log_ppl, "
+                f"got {self.objective!r}"
+            )
+        if self.objective == "weighted_log_ppl" and not self.objective_weights:
+            raise DemError("search.objective_weights: needed by objective weighted_log_ppl")
+        if self.objective_weights and (
+            any(w < 0 for w in self.objective_weights.values())
+            or sum(self.objective_weights.values()) <= 0
+        ):
+            raise DemError("search.objective_weights: weights must be >= 0 and not all zero")
+        lists = self.grid.values() if isinstance(self.grid, dict) else [self.grid]
+        if any(len(values) == 0 for values in lists):
+            raise DemError("search.grid: every value list must be non-empty")
+        for name in ("samples", "steps", "batch_size"):
+            if getattr(self, name) <= 0:
+                raise DemError(f"search.{name} must be positive, got {getattr(self, name)}")
+        if self.concentration <= 0 or self.learning_rate <= 0 or self.max_batches < 0:
+            raise DemError(
+                "search.concentration and search.learning_rate must be > 0, search.max_batches >= 0"
+            )
 
 
 @dataclass

@@ -97,24 +97,45 @@ def atomic_directory(dst: str | os.PathLike, overwrite: bool = False) -> Iterato
     On any error the temporary directory is removed and ``dst`` is untouched,
     so readers see either the complete output or nothing new. With
     ``overwrite`` an existing ``dst`` is replaced only after the new one is
-    complete.
+    complete. With several JAX processes every process must enter (Orbax
+    saves are collective); the temporary name is shared and process 0 alone
+    creates and renames it.
     """
+    import jax
+
     dst = Path(dst)
     if dst.exists() and not overwrite:
         raise DemError(f"{dst}: output already exists (pass --overwrite to replace it)")
     if not dst.parent.exists():
         raise DemError(f"{dst.parent}: output's parent directory does not exist")
-    tmp = dst.parent / f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    multi = jax.process_count() > 1
+    main = jax.process_index() == 0
+    suffix = "dist" if multi else uuid.uuid4().hex[:8]
+    tmp = dst.parent / f".{dst.name}.tmp-{suffix}"
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a killed multi-host run
+        tmp.mkdir()
+    _barrier(multi, f"atomic_directory:create:{dst}")
     try:
         yield tmp
-        if dst.exists():
-            old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
-            dst.rename(old)
-            tmp.rename(dst)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(dst)
+        _barrier(multi, f"atomic_directory:filled:{dst}")
+        if main:
+            if dst.exists():
+                old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
+                dst.rename(old)
+                tmp.rename(dst)
+                shutil.rmtree(old)
+            else:
+                tmp.rename(dst)
+        _barrier(multi, f"atomic_directory:renamed:{dst}")
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _barrier(multi: bool, name: str) -> None:
+    if multi:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)

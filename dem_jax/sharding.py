@@ -43,9 +43,15 @@ BATCH_AXES = ("data", "fsdp")
 def make_mesh(
     data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence[jax.Device] | None = None
 ) -> Mesh:
-    """A ``(data, fsdp, tensor)`` mesh; one size may be -1 to take the remaining devices."""
+    """A ``(data, fsdp, tensor)`` mesh; one size may be -1 to take the remaining devices.
+
+    With every size given and fewer devices asked for than exist, the first
+    devices are used (e.g. a one-device mesh for comparisons).
+    """
     devices = list(devices if devices is not None else jax.devices())
     sizes = [data, fsdp, tensor]
+    if -1 not in sizes and 0 < math.prod(sizes) < len(devices):
+        devices = devices[: math.prod(sizes)]
     if sizes.count(-1) > 1:
         raise DemError("mesh: at most one of data/fsdp/tensor may be -1")
     known = math.prod(s for s in sizes if s != -1)

@@ -25,7 +25,8 @@ def test_mesh_construction():
     assert dict(make_mesh(fsdp=2, tensor=4).shape) == {"data": 1, "fsdp": 2, "tensor": 4}
     assert dict(make_mesh(data=2, tensor=2).shape) == {"data": 2, "fsdp": 2, "tensor": 2}
     with pytest.raises(DemError, match="do not fit"):
-        make_mesh(fsdp=3)
+        make_mesh(data=-1, fsdp=3)
+    assert make_mesh(data=1, fsdp=1, tensor=1).devices.size == 1
 
 
 def test_logical_rules_fall_back_to_replication(mesh):

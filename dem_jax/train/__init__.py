@@ -1,0 +1,1 @@
+"""Training: optimizer, jitted steps, checkpointing and the loop."""

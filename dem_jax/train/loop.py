@@ -1,0 +1,213 @@
+"""The training loop: one fine-tune (per distribution, or on the mixture).
+
+    result = run_training(config, "math")        # base fine-tuned on one distribution
+    result = run_training(config, MIXTURE)       # the data-mixing baseline
+
+Resumes from the newest checkpoint automatically; SIGTERM (preemption) saves
+a checkpoint and exits; the final model is written to
+``RunLayout.model(name)`` as a dem-jax directory.
+"""
+
+from __future__ import annotations
+
+import functools
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dem_jax.api import init_model, load_model, save_model
+from dem_jax.config import ModelConfig, RunConfig
+from dem_jax.data.pipeline import (
+    BatchIterator,
+    eval_batches,
+    load_splits,
+    mixture_weights,
+    to_global,
+    train_dataset,
+)
+from dem_jax.data.tokenize import load_tokenizer
+from dem_jax.distributed import initialize_from_env
+from dem_jax.errors import DemError
+from dem_jax.layout import MIXTURE, RunLayout
+from dem_jax.modeldir import Model
+from dem_jax.progress import Progress
+from dem_jax.sharding import batch_sharding, make_mesh
+from dem_jax.train.checkpointing import TrainCheckpoints
+from dem_jax.train.metrics import MetricsWriter
+from dem_jax.train.optimizer import make_optimizer
+from dem_jax.train.step import eval_step, init_state, train_step
+
+
+class Preempted(Exception):
+    """Raised after a SIGTERM-triggered checkpoint; the run resumes when restarted."""
+
+
+@dataclass
+class TrainResult:
+    """What a finished training run produced."""
+
+    model_dir: Path
+    steps: int
+    tokens_trained: int  # input tokens processed (rows × seq_len × steps)
+    final_eval: dict[str, dict[str, float]]  # distribution -> {"nll", "ppl", "tokens"}
+    skipped: bool = False  # the model already existed
+
+
+def base_model(cfg: RunConfig, mesh) -> Model:
+    """The base model: loaded from model.path, or initialised from model.init (and saved
+    once under the run's layout so distribution vectors can be taken against it)."""
+    dtype = cfg.train.param_dtype
+    if cfg.model.path is not None:
+        return load_model(cfg.model.path, mesh=mesh, dtype=dtype)
+    layout = RunLayout(Path(cfg.output_dir))
+    if layout.base_model.exists():
+        return load_model(layout.base_model, mesh=mesh, dtype=dtype)
+    init = dict(cfg.model.init)
+    init.setdefault("param_dtype", dtype)
+    init.setdefault("dtype", dtype)
+    model = init_model(ModelConfig.from_dict(init, where="model.init"), cfg.train.seed, mesh)
+    model.assets_dir = Path(cfg.data.tokenizer) if cfg.data.tokenizer else None
+    layout.base_model.parent.mkdir(parents=True, exist_ok=True)
+    save_model(model, layout.base_model, format="orbax")  # collective: every host takes part
+    return model
+
+
+def _evaluate(params, config, eval_sets, eval_fn, mesh) -> dict[str, dict[str, float]]:
+    results = {}
+    sharding = batch_sharding(mesh)
+    for name, batches in eval_sets.items():
+        total, count = 0.0, 0.0
+        for batch in batches:
+            nll, n = eval_fn(params, to_global(batch, sharding))
+            total, count = total + float(nll), count + float(n)
+        mean = total / max(count, 1.0)
+        results[name] = {"nll": mean, "ppl": float(np.exp(mean)), "tokens": int(count)}
+    return results
+
+
+def run_training(cfg: RunConfig, name: str, log=print) -> TrainResult:
+    """Train the base on distribution ``name`` (or on the mixture when ``name`` is
+    MIXTURE); returns where the final model is."""
+    initialize_from_env()
+    layout = RunLayout(Path(cfg.output_dir))
+    out_dir = layout.model(name)
+    if out_dir.exists():
+        log(f"[{name}] already trained: {out_dir}")
+        return TrainResult(out_dir, 0, 0, {}, skipped=True)
+    names = sorted(cfg.data.distributions) if name == MIXTURE else [name]
+    if not cfg.data.distributions:
+        raise DemError("data.distributions: no distributions configured")
+    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    tokenizer = load_tokenizer(cfg.data.tokenizer or cfg.model.path)
+
+    splits = {n: load_splits(cfg.data, tokenizer, n) for n in sorted(cfg.data.distributions)}
+    train_splits = {n: splits[n][0] for n in names}
+    weights = mixture_weights(cfg.data, train_splits) if name == MIXTURE else None
+    t = cfg.train
+    pid, nproc = jax.process_index(), jax.process_count()
+    dataset = train_dataset(train_splits, weights, t.batch_size, cfg.data.shuffle_seed, pid, nproc)
+    eval_sets = {
+        n: eval_batches(splits[n][1], t.batch_size, t.eval_batches, pid, nproc) for n in splits
+    }
+
+    base = base_model(cfg, mesh)
+    config = base.config.replace(dtype=t.compute_dtype, remat=t.remat)
+    tx = make_optimizer(t)
+    state = init_state(base.params, tx)
+    step_fn = jax.jit(
+        functools.partial(train_step, config=config, tx=tx, accum=t.grad_accum), donate_argnums=0
+    )
+    eval_fn = jax.jit(functools.partial(eval_step, config=config))
+
+    checkpoints = TrainCheckpoints(layout.checkpoints(name), t.keep_checkpoints, t.async_checkpoint)
+    iterator = BatchIterator(dataset)
+    start = checkpoints.latest_step() or 0
+    meta = {
+        "name": name,
+        "distributions": names,
+        "seq_len": cfg.data.seq_len,
+        "batch_size": t.batch_size,
+    }
+    if start:
+        state, data_state, saved_meta = checkpoints.restore(start, state)
+        if saved_meta != meta:
+            raise DemError(
+                f"{layout.checkpoints(name)}: checkpoint was written by a different "
+                f"run ({saved_meta}); use a new output_dir"
+            )
+        iterator.set_state(data_state)
+        log(f"[{name}] resumed from step {start}")
+    metrics = MetricsWriter(layout.metrics(name), layout.root / "tensorboard" / name, start)
+    tokens_per_step = t.batch_size * cfg.data.seq_len
+
+    stop = {"signal": None}
+    previous = signal.signal(signal.SIGTERM, lambda signum, _: stop.update(signal=signum))
+    progress = Progress(t.steps, f"[{name}] train", start=start, every=t.log_every)
+    sharding = batch_sharding(mesh)
+    try:
+        step_start = time.perf_counter()
+        for step in range(start + 1, t.steps + 1):
+            state, out = step_fn(state, to_global(next(iterator), sharding))
+            if step % t.log_every == 0 or step == t.steps:
+                out = jax.device_get(out)
+                elapsed = time.perf_counter() - step_start
+                tps = tokens_per_step * (t.log_every if step % t.log_every == 0 else 1) / elapsed
+                step_start = time.perf_counter()
+                metrics.write(
+                    step,
+                    "train",
+                    loss=float(out["loss"]),
+                    grad_norm=float(out["grad_norm"]),
+                    tokens_per_s=tps,
+                    tokens_seen=step * tokens_per_step,
+                )
+                progress.update(step, loss=float(out["loss"]), tok_s=round(tps))
+            if t.eval_every and step % t.eval_every == 0 and step != t.steps:
+                for n, r in _evaluate(state["params"], config, eval_sets, eval_fn, mesh).items():
+                    metrics.write(step, f"eval/{n}", **r)
+            if _should_stop(stop):
+                checkpoints.save(step, state, iterator.get_state(), meta, force=True)
+                checkpoints.wait()
+                raise Preempted(
+                    f"[{name}] stopped by signal at step {step}; checkpoint saved, "
+                    "re-run the same command to resume"
+                )
+            if t.checkpoint_every and step % t.checkpoint_every == 0 and step != t.steps:
+                checkpoints.save(step, state, iterator.get_state(), meta)
+        final = _evaluate(state["params"], config, eval_sets, eval_fn, mesh)
+        for n, r in final.items():
+            metrics.write(t.steps, f"eval/{n}", **r)
+        if start < t.steps:
+            checkpoints.save(t.steps, state, iterator.get_state(), meta, force=True)
+        checkpoints.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        checkpoints.close()
+        metrics.close()
+
+    trained = Model(
+        config.replace(dtype=config.param_dtype, remat=False),
+        state["params"],
+        hf_config=base.hf_config,
+        assets_dir=Path(cfg.data.tokenizer or cfg.model.path),
+        metadata={"trained_on": names, "steps": t.steps, "mixture": weights},
+    )
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    save_model(trained, out_dir, format="orbax")
+    log(f"[{name}] wrote {out_dir}")
+    return TrainResult(out_dir, t.steps, t.steps * tokens_per_step, final)
+
+
+def _should_stop(stop: dict) -> bool:
+    """Whether any host was asked to stop (all hosts must agree before saving)."""
+    flag = stop["signal"] is not None
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(jnp.asarray(flag))))

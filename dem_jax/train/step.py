@@ -1,0 +1,76 @@
+"""Pure, jitted training and evaluation steps.
+
+The train state is a plain dict pytree ``{"params", "opt_state", "step"}``,
+sharded like the parameters (optimizer moments follow their parameter) and
+donated to each step so the update happens in place.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from dem_jax.config import ModelConfig
+from dem_jax.losses import batch_nll
+
+
+def init_state(params: dict[str, Any], tx: optax.GradientTransformation) -> dict[str, Any]:
+    """A fresh train state (jitted so the moments are created on the params' shardings)."""
+    return jax.jit(lambda p: {"params": p, "opt_state": tx.init(p), "step": jnp.int32(0)})(params)
+
+
+def _micro_batches(batch: dict[str, jax.Array], accum: int) -> dict[str, jax.Array]:
+    """(B, T) -> (accum, B / accum, T), keeping each device's rows on that device."""
+
+    def split(x):
+        b = x.shape[0]
+        return x.reshape(b // accum, accum, *x.shape[1:]).swapaxes(0, 1)
+
+    return jax.tree.map(split, batch)
+
+
+def train_step(state, batch, *, config: ModelConfig, tx, accum: int = 1):
+    """One optimizer step on a global batch; returns (new state, metrics).
+
+    The loss is the token-weighted mean NLL over the whole batch, also with
+    gradient accumulation (micro-batch sums are added before dividing), so
+    accumulation changes memory, not the maths.
+    """
+    params = state["params"]
+
+    def summed_loss(p, micro):
+        total, count = batch_nll(p, config, micro)
+        return total, count
+
+    grad_fn = jax.value_and_grad(summed_loss, has_aux=True)
+    if accum == 1:
+        (total, count), grads = grad_fn(params, batch)
+    else:
+
+        def accumulate(carry, micro):
+            (total, count), grads = grad_fn(params, micro)
+            c_total, c_count, c_grads = carry
+            return (c_total + total, c_count + count, jax.tree.map(jnp.add, c_grads, grads)), None
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        (total, count, grads), _ = jax.lax.scan(
+            accumulate, (jnp.float32(0), jnp.float32(0), zeros), _micro_batches(batch, accum)
+        )
+    denom = jnp.maximum(count, 1.0)
+    grads = jax.tree.map(lambda g: g / denom, grads)
+    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    new_params = optax.apply_updates(params, updates)
+    metrics = {
+        "loss": total / denom,
+        "tokens": count,
+        "grad_norm": optax.tree.norm(grads),
+    }
+    return {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
+
+
+def eval_step(params, batch, *, config: ModelConfig):
+    """(summed NLL, token count) of a batch."""
+    return batch_nll(params, config, batch)
