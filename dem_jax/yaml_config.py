@@ -25,13 +25,15 @@ from dem_jax.errors import DemError
 def build(cls: type, data: Any, where: str) -> Any:
     """Instantiate dataclass ``cls`` from a mapping, checking keys and types."""
     if not isinstance(data, dict):
-        raise DemError(f"{where}: expected a mapping, got {type(data).__name__}")
+        raise DemError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise DemError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(fields)})")
-    kwargs = {k: _coerce(hints[k], v, f"{where}.{k}") for k, v in data.items()}
+        raise DemError(
+            f"{where or 'top level'}: unknown key {unknown[0]!r} (known: {', '.join(fields)})"
+        )
+    kwargs = {k: _coerce(hints[k], v, _join(where, k)) for k, v in data.items()}
     missing = [
         name
         for name, f in fields.items()
@@ -40,8 +42,12 @@ def build(cls: type, data: Any, where: str) -> Any:
         and f.default_factory is dataclasses.MISSING
     ]
     if missing:
-        raise DemError(f"{where}: missing required key {missing[0]!r}")
+        raise DemError(f"{where or 'top level'}: missing required key {missing[0]!r}")
     return cls(**kwargs)
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else str(key)
 
 
 def _coerce(hint: Any, value: Any, where: str) -> Any:
@@ -67,7 +73,7 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         if not isinstance(value, dict):
             raise DemError(f"{where}: expected a mapping, got {value!r}")
         return {
-            _coerce(key_type, k, where): _coerce(value_type, v, f"{where}.{k}")
+            _coerce(key_type, k, where): _coerce(value_type, v, _join(where, k))
             for k, v in value.items()
         }
     if origin in (list, tuple):
@@ -154,7 +160,6 @@ def load_run_config(path: str | os.PathLike, overrides: list[str] | None = None)
     resolve_paths(data, path.parent)
     apply_overrides(data, list(overrides or []))
     try:
-        return build(RunConfig, data, str(path))
+        return build(RunConfig, data, "")
     except DemError as e:
-        message = str(e)
-        raise DemError(message if message.startswith(str(path)) else f"{path}: {message}") from None
+        raise DemError(f"{path}: {e}") from None

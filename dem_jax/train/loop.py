@@ -99,9 +99,14 @@ def run_training(cfg: RunConfig, name: str, log=print) -> TrainResult:
     if out_dir.exists():
         log(f"[{name}] already trained: {out_dir}")
         return TrainResult(out_dir, 0, 0, {}, skipped=True)
-    names = sorted(cfg.data.distributions) if name == MIXTURE else [name]
     if not cfg.data.distributions:
         raise DemError("data.distributions: no distributions configured")
+    if name != MIXTURE and name not in cfg.data.distributions:
+        raise DemError(
+            f"unknown distribution {name!r} "
+            f"(configured: {', '.join(sorted(cfg.data.distributions))})"
+        )
+    names = sorted(cfg.data.distributions) if name == MIXTURE else [name]
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     tokenizer = load_tokenizer(cfg.data.tokenizer or cfg.model.path)
 
