@@ -94,14 +94,22 @@ class Attention(nnx.Module):
         self.o_proj = dense((h, hd), (d,), ("heads", "head_dim"), ("embed",), bias=c.o_bias)
         self.num_kv_heads = k
 
-    def __call__(self, x, cos, sin, mask):
+    def __call__(self, x, cos, sin, mask, kv=None, index=None):
+        """Attention of x (B, T, D) over itself, or, with a KV cache ``kv`` = (k, v) each
+        (B, S, K, Dh), over the cache after writing x's keys/values at ``index``."""
         q = apply_rope(self.q_proj(x), cos, sin)  # (B, T, H, Dh)
-        k = apply_rope(self.k_proj(x), cos, sin)  # (B, S, K, Dh)
-        v = self.v_proj(x)  # (B, S, K, Dh)
+        k = apply_rope(self.k_proj(x), cos, sin)  # (B, T, K, Dh)
+        v = self.v_proj(x)  # (B, T, K, Dh)
+        if kv is not None:
+            start = (0, index, 0, 0)
+            k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), start)  # (B, S, K, Dh)
+            v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), start)
+            kv = (k, v)
         b, t, h, hd = q.shape
         q = q.reshape(b, t, self.num_kv_heads, h // self.num_kv_heads, hd)  # (B, T, K, G, Dh)
-        out = dot_product_attention(q, k, v, mask)  # (B, T, K, G, Dh)
-        return self.o_proj(out.reshape(b, t, h, hd))
+        out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
+        out = self.o_proj(out.reshape(b, t, h, hd))
+        return out if kv is None else (out, kv)
 
 
 def dot_product_attention(q, k, v, mask):
@@ -144,9 +152,13 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(config, stack)
         self.mlp = MLP(config, rngs, stack)
 
-    def __call__(self, x, cos, sin, mask):
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask)
-        return x + self.mlp(self.mlp_norm(x))
+    def __call__(self, x, cos, sin, mask, kv=None, index=None):
+        attn = self.attn(self.attn_norm(x), cos, sin, mask, kv, index)
+        if kv is not None:
+            attn, kv = attn
+        x = x + attn
+        x = x + self.mlp(self.mlp_norm(x))
+        return x if kv is None else (x, kv)
 
 
 class DecoderLM(nnx.Module):
@@ -163,7 +175,9 @@ class DecoderLM(nnx.Module):
                 rngs, (), (c.hidden_size,), (c.vocab_size,), ("embed",), ("vocab",), c.param_dtype
             )
 
-    def __call__(self, tokens, positions=None, segment_ids=None):
+    def __call__(self, tokens, positions=None, segment_ids=None, cache=None):
+        """Logits (B, T, V) float32; with a ``cache`` (see :func:`init_cache`) also the
+        updated cache, the new tokens' keys and values written after the old ones."""
         c = self.config
         dtype = jnp.dtype(c.dtype)
         if segment_ids is None:
@@ -172,15 +186,31 @@ class DecoderLM(nnx.Module):
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         cos, sin = rope_tables(c, positions)
         x = jnp.take(self.embed.embedding[...], tokens, axis=0).astype(dtype)  # (B, T, D)
-        x = self._run_layers(x, cos, sin, segment_ids)
+        if cache is None:
+            x, _ = self._run_layers(x, cos, sin, segment_ids, segment_ids, 0, None)
+        else:
+            index = cache["index"]
+            key_segments = jax.lax.dynamic_update_slice(
+                cache["segments"], segment_ids.astype(jnp.int32), (0, index)
+            )
+            x, kv = self._run_layers(
+                x, cos, sin, segment_ids, key_segments, index, (cache["k"], cache["v"])
+            )
+            cache = {
+                "k": kv[0],
+                "v": kv[1],
+                "segments": key_segments,
+                "index": index + tokens.shape[1],
+            }
         x = self.final_norm(x)
         if c.tie_embeddings:
             logits = x @ self.embed.embedding[...].astype(dtype).T
         else:
             logits = self.lm_head(x)
-        return logits.astype(jnp.float32)
+        logits = logits.astype(jnp.float32)
+        return logits if cache is None else (logits, cache)
 
-    def _run_layers(self, x, cos, sin, segment_ids):
+    def _run_layers(self, x, cos, sin, q_segments, k_segments, index, kv):
         c = self.config
         graphdef, state = nnx.split(self.layers)
         windows = jnp.asarray(
@@ -189,28 +219,52 @@ class DecoderLM(nnx.Module):
         )
 
         def layer(x, scanned):
-            layer_state, window = scanned
-            mask = attention_mask(segment_ids, window)
-            return nnx.merge(graphdef, layer_state)(x, cos, sin, mask), None
+            layer_state, window, layer_kv = scanned
+            mask = attention_mask(q_segments, window, k_segments, index)
+            block = nnx.merge(graphdef, layer_state)
+            if layer_kv is None:
+                return block(x, cos, sin, mask), None
+            return block(x, cos, sin, mask, layer_kv, index)
 
         if c.remat:
             layer = jax.checkpoint(layer, prevent_cse=False)
-        x, _ = jax.lax.scan(layer, x, (state, windows))
-        return x
+        return jax.lax.scan(layer, x, (state, windows, kv))
 
 
-def attention_mask(segment_ids: jax.Array, window: jax.Array | int = _NO_WINDOW) -> jax.Array:
-    """(B, T, T) boolean: causal, same segment, and within the sliding window.
+def attention_mask(
+    segment_ids: jax.Array,
+    window: jax.Array | int = _NO_WINDOW,
+    key_segment_ids: jax.Array | None = None,
+    offset: jax.Array | int = 0,
+) -> jax.Array:
+    """(B, T, S) boolean: causal, same segment, and within the sliding window.
 
     Segment ids separate packed documents (and padding, as its own segment),
     so tokens never attend across documents; every row keeps at least its
-    own position, so no softmax row is empty.
+    own position, so no softmax row is empty. With a KV cache the keys are
+    the cache's S slots and query t sits at slot ``offset + t``.
     """
-    idx = jnp.arange(segment_ids.shape[1])
-    distance = idx[:, None] - idx[None, :]  # query index minus key index
+    if key_segment_ids is None:
+        key_segment_ids = segment_ids
+    q_idx = offset + jnp.arange(segment_ids.shape[1])
+    k_idx = jnp.arange(key_segment_ids.shape[1])
+    distance = q_idx[:, None] - k_idx[None, :]  # query slot minus key slot
     local = (distance >= 0) & (distance < window)
-    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    same = segment_ids[:, :, None] == key_segment_ids[:, None, :]
     return local[None] & same
+
+
+def init_cache(config: ModelConfig, batch: int, length: int, dtype=None) -> dict[str, Any]:
+    """An empty KV cache for ``length`` positions: keys/values (L, B, S, K, Dh), the
+    segment id of each slot (-1: empty, never attended) and the next slot index."""
+    shape = (config.num_layers, batch, length, config.num_kv_heads, config.head_dim)
+    dtype = dtype or jnp.dtype(config.dtype)
+    return {
+        "k": jnp.zeros(shape, dtype),
+        "v": jnp.zeros(shape, dtype),
+        "segments": jnp.full((batch, length), -1, jnp.int32),
+        "index": jnp.int32(0),
+    }
 
 
 def segment_positions(segment_ids: jax.Array) -> jax.Array:
