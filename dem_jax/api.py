@@ -60,12 +60,16 @@ def save_model(
 
 def init_model(config: ModelConfig, seed: int = 0, mesh: Mesh | None = None) -> Model:
     """A randomly initialised model, created directly on its shardings."""
-    init = jax.jit(
+    return Model(config, _initializer(config, mesh)(seed))
+
+
+@functools.lru_cache(maxsize=16)
+def _initializer(config: ModelConfig, mesh: Mesh | None):
+    """One compiled initialiser per (config, mesh), shared by every seed."""
+    return jax.jit(
         functools.partial(model_lib.init_params, config),
-        static_argnums=0,
         out_shardings=param_shardings(config, mesh),
     )
-    return Model(config, init(seed))
 
 
 @functools.partial(jax.jit, static_argnames="config")

@@ -174,6 +174,7 @@ class MeshConfig:
     data: int = 1  # pure data parallelism
     fsdp: int = -1  # data parallelism with sharded params and optimizer state
     tensor: int = 1  # tensor parallelism over heads / MLP / vocab
+    slice: str | None = None  # TPU accelerator type this mesh is laid out for, e.g. v4-32
 
 
 @dataclass
@@ -265,6 +266,9 @@ class BaseModelConfig:
     path: str | None = None  # Hugging Face or dem-jax directory
     # Architecture for a model initialised from scratch (tiny configs, tests).
     init: dict[str, Any] | None = None
+    # Known architecture name (dem_jax.plan.KNOWN_ARCHITECTURES), so `dem-jax plan`
+    # works without the weights at hand.
+    arch: str | None = None
 
 
 @dataclass

@@ -283,9 +283,11 @@ def abstract_model(config: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
     return nnx.split(nnx.eval_shape(lambda: DecoderLM(config, rngs=nnx.Rngs(0))))
 
 
-def init_params(config: ModelConfig, seed: int = 0) -> dict[str, Any]:
-    """Randomly initialised parameters as a plain nested dict of arrays."""
-    return nnx.to_pure_dict(nnx.state(DecoderLM(config, rngs=nnx.Rngs(seed))))
+def init_params(config: ModelConfig, seed: int | jax.Array = 0) -> dict[str, Any]:
+    """Randomly initialised parameters as a plain nested dict of arrays (``seed`` may
+    be traced, so one compiled initialiser serves every seed)."""
+    rngs = nnx.Rngs(params=jax.random.key(seed))
+    return nnx.to_pure_dict(nnx.state(DecoderLM(config, rngs=rngs)))
 
 
 def param_axes(config: ModelConfig) -> dict[str, Any]:

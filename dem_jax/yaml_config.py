@@ -133,7 +133,10 @@ def resolve_paths(data: dict[str, Any], base: Path) -> None:
     """Make the data file and model paths in a config relative to the config's folder."""
 
     def fix(value):
-        return value if value is None or os.path.isabs(value) else str(base / value)
+        # Absolute paths and URLs (gs://...) are taken as they are.
+        if value is None or os.path.isabs(value) or "://" in value:
+            return value
+        return str(base / value)
 
     model = data.get("model")
     if isinstance(model, dict) and isinstance(model.get("path"), str):

@@ -18,8 +18,30 @@ from dem_jax.losses import batch_nll
 
 
 def init_state(params: dict[str, Any], tx: optax.GradientTransformation) -> dict[str, Any]:
-    """A fresh train state (jitted so the moments are created on the params' shardings)."""
-    return jax.jit(lambda p: {"params": p, "opt_state": tx.init(p), "step": jnp.int32(0)})(params)
+    """A fresh train state whose optimizer moments are sharded like their parameters
+    (left to propagation, XLA would replicate them: a full copy per device)."""
+    param_shardings = jax.tree.map(lambda x: x.sharding, params)
+    replicated = _replicated_like(jax.tree.leaves(param_shardings)[0])
+    opt_shardings = optax.tree_map_params(
+        tx,
+        lambda _, sharding: sharding,
+        jax.eval_shape(tx.init, params),
+        param_shardings,
+        transform_non_params=lambda _: replicated,
+    )
+    shardings = {"params": param_shardings, "opt_state": opt_shardings, "step": replicated}
+    init = jax.jit(
+        lambda p: {"params": p, "opt_state": tx.init(p), "step": jnp.int32(0)},
+        out_shardings=shardings,
+    )
+    return init(params)
+
+
+def _replicated_like(sharding: jax.sharding.Sharding) -> jax.sharding.Sharding:
+    """A fully replicated sharding over the same devices."""
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+    return sharding
 
 
 def _micro_batches(batch: dict[str, jax.Array], accum: int) -> dict[str, jax.Array]:

@@ -1,0 +1,48 @@
+"""``dem-jax plan CONFIG.yaml [--slice NAME] [--model-config SRC] [--json] [key=value ...]``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def register(sub) -> None:
+    """Add the ``plan`` subcommand."""
+    p = sub.add_parser(
+        "plan",
+        help="per-device memory plan of a run config on a TPU slice",
+        description="Estimate the memory each device needs to fine-tune with CONFIG "
+        "(parameters, AdamW state, gradients, activations, sharded by the config's mesh) "
+        "and compare it with the slice's HBM. Exit status 0 if it fits, 2 if not. "
+        "Needs no weights: the architecture comes from --model-config, model.init, "
+        "a local model.path, or the shipped configs' own table.",
+    )
+    p.add_argument("config", help="run config YAML")
+    p.add_argument(
+        "--slice",
+        help="TPU accelerator type, e.g. v4-8, v5litepod-16 (or v5e-16), v5p-32, v6e-8 "
+        "(default: the shipped config's own target)",
+    )
+    p.add_argument(
+        "--model-config",
+        metavar="SRC",
+        help="architecture: a Hugging Face config.json, a model directory, or a known "
+        "name (openllama-3b, openllama-7b, openllama-13b, llama-2-7b)",
+    )
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.remat=true"
+    )
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print the plan; 0 if it fits, 2 (with the reason on stderr) if not."""
+    from dem_jax.plan import plan_json, plan_run
+
+    plan = plan_run(args.config, args.overrides, args.slice, args.model_config)
+    print(plan_json(plan) if args.json else plan.format_table())
+    if not plan.fits:
+        print(f"dem-jax: error: {args.config}: {plan.verdict()}", file=sys.stderr)
+        return 2
+    return 0
