@@ -23,6 +23,7 @@ import numpy as np
 
 import dem_jax
 from dem_jax.config import TrainConfig
+from dem_jax.flops import train_flops
 from dem_jax.train.optimizer import make_optimizer
 from dem_jax.train.step import init_state, train_step
 
@@ -34,16 +35,6 @@ def best_of(fn, repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return min(times)
-
-
-def forward_flops(c: dem_jax.ModelConfig, batch: int, length: int) -> float:
-    """Matmul FLOPs of one forward pass (2 per multiply-add), as implemented: the
-    attention scores are computed for the full T x T square, then masked."""
-    d, f, h, k, hd = c.hidden_size, c.intermediate_size, c.num_heads, c.num_kv_heads, c.head_dim
-    per_token = 2 * (d * h * hd * 2 + d * k * hd * 2 + 3 * d * f) * c.num_layers
-    per_token += 2 * d * c.vocab_size  # lm head
-    attention = 2 * 2 * h * hd * length * length * c.num_layers  # q k^T and p v, per row
-    return batch * (length * per_token + attention)
 
 
 def matmul_flops_per_s(n: int = 2048, repeats: int = 5) -> float:
@@ -121,7 +112,7 @@ def main() -> None:
     t_ours, t_theirs = best_of(ours, repeats), best_of(theirs, repeats)
     n = batch * length
     peak = matmul_flops_per_s()
-    achieved = 3 * forward_flops(config, batch, length) / t_ours
+    achieved = train_flops(config, batch, length) / t_ours
     print(f"jax {jax.__version__}, torch {torch.__version__}, {os.cpu_count()} cores, float32")
     print(f"[train step] Llama 4 layers, width 256, vocab 4096, batch {batch} x {length}")
     print(f"  transformers/PyTorch {n / t_theirs:9.0f} tokens/s  (baseline)")

@@ -90,9 +90,12 @@ def _evaluate(params, config, eval_sets, eval_fn, mesh) -> dict[str, dict[str, f
     return results
 
 
-def run_training(cfg: RunConfig, name: str, log=print) -> TrainResult:
-    """Train the base on distribution ``name`` (or on the mixture when ``name`` is
-    MIXTURE); returns where the final model is."""
+def run_training(
+    cfg: RunConfig, name: str, log=print, distributions: list[str] | None = None
+) -> TrainResult:
+    """Train the base on distribution ``name``, or, when ``name`` is MIXTURE or
+    ``distributions`` lists several, on their ``data.mixture``; the model goes to
+    ``RunLayout.model(name)``."""
     initialize_from_env()
     layout = RunLayout(Path(cfg.output_dir))
     out_dir = layout.model(name)
@@ -101,18 +104,21 @@ def run_training(cfg: RunConfig, name: str, log=print) -> TrainResult:
         return TrainResult(out_dir, 0, 0, {}, skipped=True)
     if not cfg.data.distributions:
         raise DemError("data.distributions: no distributions configured")
-    if name != MIXTURE and name not in cfg.data.distributions:
-        raise DemError(
-            f"unknown distribution {name!r} "
-            f"(configured: {', '.join(sorted(cfg.data.distributions))})"
-        )
-    names = sorted(cfg.data.distributions) if name == MIXTURE else [name]
+    if distributions is not None:
+        names = sorted(distributions)
+    else:
+        names = sorted(cfg.data.distributions) if name == MIXTURE else [name]
+    for n in names:
+        if n not in cfg.data.distributions:
+            known = ", ".join(sorted(cfg.data.distributions))
+            raise DemError(f"unknown distribution {n!r} (configured: {known})")
+    mixing = len(names) > 1 or name == MIXTURE
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     tokenizer = load_tokenizer(cfg.data.tokenizer or cfg.model.path)
 
     splits = {n: load_splits(cfg.data, tokenizer, n) for n in sorted(cfg.data.distributions)}
     train_splits = {n: splits[n][0] for n in names}
-    weights = mixture_weights(cfg.data, train_splits) if name == MIXTURE else None
+    weights = mixture_weights(cfg.data, train_splits) if mixing else None
     t = cfg.train
     pid, nproc = jax.process_index(), jax.process_count()
     dataset = train_dataset(train_splits, weights, t.batch_size, cfg.data.shuffle_seed, pid, nproc)
