@@ -58,7 +58,7 @@ def log(message: str) -> None:
 
 
 # Subcommand modules in dem_jax.commands, in --help order.
-COMMANDS = ("demo", "convert", "train")
+COMMANDS = ("demo", "pipeline", "train", "vectors", "merge", "score", "search", "convert", "plan")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -325,6 +325,52 @@ class SearchConfig:
 
 
 @dataclass
+class PretrainConfig:
+    """Pretraining of a from-scratch base (tiny configs and the demo only)."""
+
+    steps: int = 0  # 0: use model.path / model.init as the base without pretraining
+    distributions: list[str] | None = None  # data the base is pretrained on; default all
+    learning_rate: float = 3e-3
+    batch_size: int = 16
+
+
+@dataclass
+class PipelineConfig:
+    """What `dem-jax pipeline` runs besides DEM itself."""
+
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    # Data-mixing baselines, each a full training run on all distributions:
+    # "uniform", "size", or {name: weight} mixtures.
+    mixtures: list[str | dict[str, float]] = field(default_factory=lambda: ["uniform", "size"])
+    # Steps of each mixture run; default train.steps x number of distributions, i.e.
+    # the same data exposure as all the fine-tunes together.
+    mixture_steps: int | None = None
+    # Baselines over the same distribution vectors.
+    baselines: list[str] = field(
+        default_factory=lambda: ["uniform_soup", "task_arithmetic", "ties", "dare_linear"]
+    )
+    task_arithmetic_grid: list[float] = field(
+        default_factory=lambda: [0.25, 0.5, 0.75, 1.0, 1.25]
+    )  # one lambda for every vector, chosen by the same validation objective
+    density: float = 0.5  # ties / dare_linear density
+    seed: int = 0  # dare_linear's random drop
+    answer_eval: bool = True  # exact-match accuracy where records have an "answer"
+    max_new_tokens: int = 16  # greedy decoding budget for answers
+    eval_max_examples: int = 200  # validation records per distribution for answer accuracy
+    export_hf: bool = True  # export the DEM model to Hugging Face format
+
+    def __post_init__(self):
+        known = {"uniform_soup", "task_arithmetic", "ties", "dare_linear"}
+        unknown = [b for b in self.baselines if b not in known]
+        if unknown:
+            raise DemError(
+                f"pipeline.baselines: unknown {unknown[0]!r} (known: {', '.join(sorted(known))})"
+            )
+        if not 0.0 < self.density <= 1.0:
+            raise DemError(f"pipeline.density must be in (0, 1], got {self.density}")
+
+
+@dataclass
 class RunConfig:
     """Everything one dem-jax run needs."""
 
@@ -334,6 +380,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
     def __post_init__(self):
         if (self.model.path is None) == (self.model.init is None):

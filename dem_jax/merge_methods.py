@@ -13,10 +13,13 @@ Conventions
 * Random methods take a ``jax.random`` key and draw over the full stacked shape with
   ``jax.random`` (the result does not depend on how the tensor is sharded).
 * No float32 matmul / einsum is used for reductions (they may run in TF32 on GPUs);
-  sums are elementwise products reduced with ``jnp.sum``.
+  sums are elementwise products reduced with ``jnp.sum`` (over the model axis: a
+  chain of adds, see ``_sum0``).
 
 Which mergekit (arcee-ai/mergekit) definition each function follows
 --------------------------------------------------------------------
+The reference is mergekit 0.1.5 (the version the parity tests run); function and
+file names below are that version's.
 ==========================  ==============================================================
 function                    mergekit source
 ==========================  ==============================================================
@@ -35,7 +38,7 @@ breadcrumbs_ties, della,    ``tensor_parameters`` for ``density=1.0``, ``gamma=0
 della_linear                ``epsilon=0.15``, ``lambda=1.0``
 linear                      ``mergekit/merge_methods/linear.py::LinearMergeTask``
 slerp                       ``mergekit/merge_methods/slerp.py::slerp``
-model_stock                 ``mergekit/merge_methods/model_stock.py::ModelStockMergeTask``
+model_stock                 ``mergekit/merge_methods/model_stock.py::model_stock_merge_method``
 parameter_selection         not in mergekit: parameter-selection merging (Ju et al. 2024)
 ==========================  ==============================================================
 
@@ -53,7 +56,13 @@ Named-method defaults (``registry.py``)::
 
 Rescaling (the ``rescale`` argument)
 -------------------------------------
-mergekit changed what ``rescale: true`` means. In its boolean-``rescale`` sparsify.py
+mergekit 0.1.5 maps ``rescale: true`` to ``RescaleNorm.l1`` for *every* sparsifier
+(DARE and DELLA included): the masked delta is scaled so its L1 norm equals the
+unmasked one (``rescaled_masked_tensor``, skipped when either norm is < 1e-7). That is
+``rescale="l1"`` here, and what :mod:`dem_jax.merge` passes for a mergekit
+``rescale: true``. ``rescale=True`` keeps the papers' per-sparsifier meaning below.
+
+mergekit changed what ``rescale: true`` means over time. In its boolean-``rescale`` sparsify.py
 DARE keeps ``x / density`` and magnitude / magnitude_outliers rescale the kept values so
 the tensor's L1 norm is unchanged (``rescale_sum``, applied only when both sums are
 >= 1e-8); DELLA's ``x / p_i`` per element is the DELLA authors' ``rank_magnitude``
@@ -177,13 +186,74 @@ def _bcast(v, ndim: int) -> jax.Array:
     return v.reshape(v.shape + (1,) * (ndim - 1))
 
 
+def _sum0(x: jax.Array) -> jax.Array:
+    """Sum over the leading (model) axis as a chain of elementwise adds, in model order.
+
+    XLA:CPU reduces over an outer axis some 40x slower than it adds arrays, and N is
+    small; the order ((x0 + x1) + x2) ... is also torch's for mergekit's ``sum(dim=0)``.
+    """
+    out = x[0]
+    for i in range(1, x.shape[0]):
+        out = out + x[i]
+    return out
+
+
+_KEY_MAX = 0x7FFFFFFF  # the largest int32: reverses the order of non-negative keys
+
+
+def _largest(mag: jax.Array, k) -> jax.Array:
+    """Boolean mask of the ``k[i]`` largest entries of each ``mag[i]`` (non-negative);
+    among equal values the lower flat index is taken first, as a stable descending
+    sort orders them. ``k`` is ``(N,)`` int."""
+    return _top_keys(jax.lax.bitcast_convert_type(mag.astype(_F32), jnp.int32), k)
+
+
+def _smallest(mag: jax.Array, k) -> jax.Array:
+    """Mask of the ``k[i]`` smallest entries of each ``mag[i]``, lower index first (the
+    order of a stable ascending sort)."""
+    bits = jax.lax.bitcast_convert_type(mag.astype(_F32), jnp.int32)
+    return _top_keys(_KEY_MAX - bits, k)
+
+
+def _top_keys(keys: jax.Array, k) -> jax.Array:
+    """Mask of the ``k[i]`` largest int32 ``keys[i]`` (all >= 0), lower index first.
+
+    A non-negative float's bit pattern is ordered like the float, so the k-th
+    largest key is found bit by bit (31 counting passes, a radix select) instead of
+    by sorting: XLA:CPU sorts ~20x slower than NumPy, and counting shards cleanly
+    where a sort must gather. Equal keys at the threshold are then taken in index
+    order (a cumulative sum), only when there are more of them than needed.
+    """
+    n = keys.shape[0]
+    axes = tuple(range(1, keys.ndim))
+    k = jnp.broadcast_to(jnp.asarray(k, jnp.int32), (n,))
+
+    def bcast(v):
+        return v.reshape((n,) + (1,) * (keys.ndim - 1))
+
+    def bit(i, v):  # keep bit 30 - i of the threshold if enough keys reach it
+        cand = v | jnp.left_shift(jnp.int32(1), 30 - i)
+        enough = jnp.sum(keys >= bcast(cand), axis=axes, dtype=jnp.int32) >= k
+        return jnp.where(enough, cand, v)
+
+    v = bcast(jax.lax.fori_loop(0, 31, bit, jnp.zeros((n,), jnp.int32)))
+    above, at = keys > v, keys == v
+    need = bcast(k - jnp.sum(above, axis=axes, dtype=jnp.int32))  # threshold ties to take
+
+    def first_ties(_):
+        order = jnp.cumsum(at.reshape(n, -1), axis=1, dtype=jnp.int32).reshape(keys.shape)
+        return above | (at & (order <= need))
+
+    excess = jnp.any(jnp.sum(at, axis=axes, dtype=jnp.int32) > need.reshape(n))
+    return jax.lax.cond(excess, first_ties, lambda _: above | at, None)
+
+
 def _ranks(x: jax.Array, *, descending: bool) -> jax.Array:
     """0-based rank of every element along the last axis (stable: ties by index)."""
     order = jnp.argsort(x, axis=-1, stable=True, descending=descending)
-    positions = jnp.broadcast_to(jnp.arange(x.shape[-1], dtype=jnp.int32), x.shape)
-    return jnp.put_along_axis(
-        jnp.zeros(x.shape, jnp.int32), order, positions, axis=-1, inplace=False
-    )
+    # The inverse permutation by a second sort: compiles several times faster on CPU
+    # than scattering positions with put_along_axis, same result.
+    return jnp.argsort(order, axis=-1, stable=True).astype(jnp.int32)
 
 
 def _norm_rescale(delta: jax.Array, mask: jax.Array, norm: str, eps: float) -> jax.Array:
@@ -210,6 +280,13 @@ def _norm_rescale(delta: jax.Array, mask: jax.Array, norm: str, eps: float) -> j
     return masked * _bcast(scale, delta.ndim)
 
 
+def _bernoulli(key, p, shape, uniform) -> jax.Array:
+    """``jax.random.bernoulli(key, p, shape)``, or the same from pre-drawn uniforms."""
+    if uniform is not None:
+        return _f32(uniform) < p
+    return jax.random.bernoulli(key, p, shape)
+
+
 def _check_rescale(rescale: Rescale) -> None:
     if not (rescale is None or isinstance(rescale, bool) or rescale in _NORMS):
         raise DemError(f"rescale must be a bool or one of {_NORMS}, got {rescale!r}")
@@ -231,10 +308,10 @@ def _deterministic_rescale(delta: jax.Array, mask: jax.Array, rescale: Rescale) 
 def sparsify_magnitude(deltas, density, *, rescale: Rescale = False) -> jax.Array:
     """TIES trim: per model keep the ``k`` largest ``|x|``, zero the rest.
 
-    ``k_i = int(density_i * numel)`` (mergekit ``magnitude``); kept = the ``k_i``
-    elements of largest ``|x|`` (stable sort: among equal magnitudes the lower flat
-    index is kept). ``density_i >= 1`` returns the model's delta unchanged. mergekit
-    asserts ``k > 0``; here ``k == 0`` gives an all-zero delta.
+    ``k_i = max(1, int(density_i * numel))`` (mergekit 0.1.5 ``magnitude``: a positive
+    density keeps at least one element); kept = the ``k_i`` elements of largest ``|x|``
+    (stable sort: among equal magnitudes the lower flat index is kept).
+    ``density_i >= 1`` returns the model's delta unchanged, ``density_i <= 0`` zeros.
 
     Args:
       deltas: ``(N, *shape)`` task vectors.
@@ -246,14 +323,14 @@ def sparsify_magnitude(deltas, density, *, rescale: Rescale = False) -> jax.Arra
     d = _stacked(deltas, "deltas")
     n_models, numel = d.shape[0], math.prod(d.shape[1:])
     dens = _per_model(density, n_models, DEFAULT_DENSITY, "density")
-    k = _count(dens, numel)
-    rank = _ranks(jnp.abs(d.reshape(n_models, numel)), descending=True)
-    mask = (rank < k[:, None]).reshape(d.shape).astype(_F32)
+    dens_arr = jnp.asarray(dens)
+    k = jnp.where(dens_arr > 0, jnp.maximum(_count(dens, numel), 1), 0)
+    mask = _largest(jnp.abs(d), k).astype(_F32)
     out = _deterministic_rescale(d, mask, rescale)
-    return jnp.where(_bcast(jnp.asarray(dens) >= 1, d.ndim), d, out)
+    return jnp.where(_bcast(dens_arr >= 1, d.ndim), d, out)
 
 
-def sparsify_random(deltas, density, key, rescale: Rescale = True) -> jax.Array:
+def sparsify_random(deltas, density, key, rescale: Rescale = True, *, uniform=None) -> jax.Array:
     """DARE drop-and-rescale: keep each element with probability ``density``.
 
     ``m ~ Bernoulli(density_i)`` elementwise (one ``jax.random.bernoulli`` draw over the
@@ -261,13 +338,15 @@ def sparsify_random(deltas, density, key, rescale: Rescale = True) -> jax.Array:
     (``E[result] = x``), ``x * m`` with ``rescale=False``, or current mergekit's norm
     matching with ``rescale="l1"|"l2"|"linf"``. ``density_i >= 1`` returns the delta
     unchanged (mergekit ``bernoulli``); ``density_i <= 0`` gives zeros (mergekit would
-    divide 0 by 0).
+    divide 0 by 0). ``uniform`` (pre-drawn U[0, 1) values of the deltas' shape) replaces
+    the draw: ``uniform < p`` is exactly ``jax.random.bernoulli(key, p)`` for
+    ``uniform = jax.random.uniform(key, shape)``, so ``key`` may then be None.
     """
     _check_rescale(rescale)
     d = _stacked(deltas, "deltas")
     dens_raw = _per_model(density, d.shape[0], DEFAULT_DENSITY, "density")
     p = _bcast(jnp.asarray(dens_raw, _F32), d.ndim)
-    keep = jax.random.bernoulli(key, p, d.shape)
+    keep = _bernoulli(key, p, d.shape, uniform)
     if rescale is True:
         out = jnp.where(keep, d / jnp.where(p > 0, p, 1.0), 0.0)
     elif rescale:
@@ -287,10 +366,9 @@ def sparsify_breadcrumbs(deltas, density, gamma, *, rescale: Rescale = False) ->
     outliers and the ``n_bot`` smallest as noise, so ``target`` remain.
     ``density_i >= 1`` returns the delta unchanged (even with ``gamma > 0``).
 
-    Deviation: mergekit selects with the slice ``indices[n_bot:-n_top]``, which is
-    empty when ``n_top == 0`` (e.g. ``gamma * numel < 1``) and so zeroes the whole
-    tensor; here ``n_top == 0`` keeps the top ``target`` elements, the documented
-    meaning. ``rescale`` as in :func:`sparsify_magnitude` (mergekit default False).
+    mergekit 0.1.5 keeps ``sorted[n_bot : n_bot + target]``, the same set. (Earlier
+    mergekit sliced ``indices[n_bot:-n_top]``, empty when ``n_top == 0``.) ``rescale``
+    as in :func:`sparsify_magnitude` (mergekit default False).
     """
     d = _stacked(deltas, "deltas")
     n_models, numel = d.shape[0], math.prod(d.shape[1:])
@@ -301,9 +379,9 @@ def sparsify_breadcrumbs(deltas, density, gamma, *, rescale: Rescale = False) ->
     n_bot = numel - target - n_top
     n_top = jnp.where(n_bot < 0, n_top + n_bot, n_top)
     n_bot = jnp.maximum(n_bot, 0)
-    rank = _ranks(jnp.abs(d.reshape(n_models, numel)), descending=False)
-    keep = (rank >= n_bot[:, None]) & (rank < numel - n_top[:, None])
-    out = _deterministic_rescale(d, keep.reshape(d.shape).astype(_F32), rescale)
+    mag = jnp.abs(d)
+    keep = _smallest(mag, numel - n_top) & ~_smallest(mag, n_bot)
+    out = _deterministic_rescale(d, keep.astype(_F32), rescale)
     return jnp.where(_bcast(jnp.asarray(dens) >= 1, d.ndim), d, out)
 
 
@@ -351,7 +429,7 @@ def della_keep_probabilities(deltas, density, epsilon, *, rank_axis: int = 1) ->
 
 
 def sparsify_della(
-    deltas, density, epsilon, key, rescale: Rescale = True, *, rank_axis: int = 1
+    deltas, density, epsilon, key, rescale: Rescale = True, *, rank_axis: int = 1, uniform=None
 ) -> jax.Array:
     """DELLA MagPrune: rank-based Bernoulli drop, rescale by ``1 / p`` per element.
 
@@ -362,6 +440,7 @@ def sparsify_della(
     unchanged, ``density_i <= 0`` gives zeros (mergekit ``della_magprune``). A concrete
     density/epsilon with ``density +/- epsilon`` outside (0, 1) raises like mergekit;
     traced values are not checked (probabilities outside [0, 1] then saturate).
+    ``uniform`` replaces the draw as in :func:`sparsify_random`.
     """
     _check_rescale(rescale)
     d = _stacked(deltas, "deltas")
@@ -370,7 +449,7 @@ def sparsify_della(
     eps_raw = _per_model(epsilon, n_models, DEFAULT_EPSILON, "epsilon")
     _validate_della(dens_raw, eps_raw)
     probs = della_keep_probabilities(d, dens_raw, eps_raw, rank_axis=rank_axis)
-    keep = jax.random.bernoulli(key, probs, d.shape)
+    keep = _bernoulli(key, probs, d.shape, uniform)
     if rescale is True:
         out = jnp.where(keep, d / jnp.where(keep, probs, 1.0), 0.0)
     elif rescale:
@@ -399,9 +478,9 @@ def sign_consensus(deltas, weights=None, method: Literal["sum", "count"] = "sum"
         d = d * _bcast(_f32(weights), d.ndim)
     sign = jnp.sign(d)
     if method == "sum":
-        total = jnp.sum(d, axis=0)
+        total = _sum0(d)
     elif method == "count":
-        total = jnp.sum(sign, axis=0)
+        total = _sum0(sign)
     else:
         raise DemError(f'unknown consensus method "{method}"; expected "sum" or "count"')
     majority = jnp.where(total >= 0, 1.0, -1.0)
@@ -485,11 +564,11 @@ def generalized_task_arithmetic(
     weighted = d * wb
     if consensus is not None:
         mask = sign_consensus(weighted, None, consensus).astype(_F32)
-        mixed = jnp.sum(weighted * mask, axis=0)
-        divisor = jnp.sum(wb * mask, axis=0)
+        mixed = _sum0(weighted * mask)
+        divisor = _sum0(wb * mask)
         divisor = jnp.where(divisor == 0, 1.0, divisor)
     else:
-        mixed = jnp.sum(weighted, axis=0)
+        mixed = _sum0(weighted)
         divisor = jnp.sum(w)
         divisor = jnp.where(jnp.abs(divisor) < 1e-8, 1.0, divisor)
     if normalize:
@@ -702,7 +781,7 @@ def linear(models, weights, normalize: bool = True) -> jax.Array:
     m = _stacked(models, "models")
     w = jnp.asarray(_per_model(weights, m.shape[0], 1.0, "weights"), _F32)
     wb = _bcast(w, m.ndim)
-    res = jnp.sum(wb * m, axis=0)
+    res = _sum0(wb * m)
     if normalize:
         res = res / jnp.sum(w)
     return res
@@ -726,7 +805,7 @@ def slerp(a, b, t, dot_threshold: float = 0.9995, eps: float = 1e-8) -> jax.Arra
     ny = jnp.sqrt(jnp.sum(y * y))
     xn = jnp.where(nx > eps, x / jnp.where(nx > eps, nx, 1.0), x)
     yn = jnp.where(ny > eps, y / jnp.where(ny > eps, ny, 1.0), y)
-    dot = jnp.sum(xn * yn)
+    dot = jnp.clip(jnp.sum(xn * yn), -1.0, 1.0)  # as mergekit 0.1.5
     use_lerp = jnp.abs(dot) > dot_threshold
     safe_dot = jnp.where(use_lerp, 0.0, dot)  # keep the unused branch finite
     theta_0 = jnp.arccos(safe_dot)
@@ -744,7 +823,8 @@ def model_stock(base, models, *, filter_wise: bool = False) -> jax.Array:
     to [-1, 1]; ``cos`` = mean over pairs ``i < j``; ``t = N cos / (1 + (N-1) cos)``;
     result ``t · mean_i θ_i + (1 - t) · θ_0``. Dot products are over the whole tensor,
     or per row (last axis; a 1-D tensor is one row) with ``filter_wise=True``.
-    As in mergekit, ``t`` is not guarded (``cos = -1/(N-1)`` divides by zero).
+    As in mergekit 0.1.5, where ``|1 + (N-1) cos| < 1e-6`` (no finite estimate) ``t = 0``
+    and the base is kept.
     """
     w0 = _f32(base)
     ws = _stacked(models, "models")
@@ -770,17 +850,23 @@ def model_stock(base, models, *, filter_wise: bool = False) -> jax.Array:
             denom = jnp.maximum(norms[i] * norms[j], 1e-6)
             cos_thetas.append(jnp.clip(dot / denom, -1.0, 1.0))
     cos_theta = jnp.mean(jnp.stack(cos_thetas), axis=0)[..., None]
-    t = (n_models * cos_theta) / (1 + (n_models - 1) * cos_theta)
-    w_avg = jnp.sum(ws, axis=0) / n_models
+    denominator = 1 + (n_models - 1) * cos_theta
+    singular = jnp.abs(denominator) < 1e-6
+    t = jnp.where(singular, 0.0, (n_models * cos_theta) / jnp.where(singular, 1.0, denominator))
+    w_avg = _sum0(ws) / n_models
     return (t * w_avg + (1 - t) * w0).reshape(out_shape)
 
 
-def parameter_selection(models, key) -> jax.Array:
+def parameter_selection(models, key, *, uniform=None) -> jax.Array:
     """Parameter-selection merging (Ju et al. 2024): each element from a random model.
 
     ``j ~ Uniform{0..N-1}`` independently per element (one ``jax.random.randint`` draw
-    over the full parameter shape); result ``θ[j, ...]`` elementwise.
+    over the full parameter shape); result ``θ[j, ...]`` elementwise. With ``uniform``
+    (pre-drawn U[0, 1) values of the parameter's shape) ``j = floor(N u)`` instead.
     """
     m = _stacked(models, "models")
-    idx = jax.random.randint(key, m.shape[1:], 0, m.shape[0])
+    if uniform is None:
+        idx = jax.random.randint(key, m.shape[1:], 0, m.shape[0])
+    else:
+        idx = jnp.clip(jnp.floor(_f32(uniform) * m.shape[0]), 0, m.shape[0] - 1).astype(jnp.int32)
     return jnp.take_along_axis(m, idx[None], axis=0)[0]

@@ -113,7 +113,9 @@ def atomic_directory(dst: str | os.PathLike, overwrite: bool = False) -> Iterato
     suffix = "dist" if multi else uuid.uuid4().hex[:8]
     tmp = dst.parent / f".{dst.name}.tmp-{suffix}"
     if main:
-        shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a killed multi-host run
+        # Leftovers of a killed earlier write of the same output are never used.
+        for stale in dst.parent.glob(f".{dst.name}.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
     _barrier(multi, f"atomic_directory:create:{dst}")
     try:

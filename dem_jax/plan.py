@@ -193,6 +193,7 @@ KNOWN_ARCHITECTURES: dict[str, dict[str, Any]] = {
     },
 }
 
+
 def known_architecture(name: str) -> ModelConfig:
     """The ModelConfig of a built-in architecture (``openllama-7b``, ``llama-2-7b``, ...)."""
     from dem_jax.hf.config import from_hf_config

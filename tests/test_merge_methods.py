@@ -64,6 +64,25 @@ def test_magnitude_count_rounding_like_mergekit():
     assert int(np.count_nonzero(closed)) == 28
 
 
+@pytest.mark.parametrize("k", [0, 1, 9, 40, 77])
+def test_selection_matches_a_stable_sort(k):
+    # Many equal magnitudes (0..4): the radix select must pick ties in index order,
+    # like a stable sort (descending for the largest, ascending for the smallest).
+    x = np.random.default_rng(k).integers(0, 5, (3, 7, 11)).astype(np.float32)
+    flat = x.reshape(3, -1)
+    for fn, keys in ((mm._largest, -flat), (mm._smallest, flat)):
+        ranks = np.argsort(np.argsort(keys, axis=1, kind="stable"), axis=1, kind="stable")
+        want = (ranks < k).reshape(x.shape)
+        np.testing.assert_array_equal(np.asarray(fn(x, np.full(3, k))), want)
+
+
+def test_magnitude_positive_density_keeps_at_least_one():
+    # mergekit 0.1.5: k = max(1, int(density * numel)); density <= 0 keeps nothing.
+    x = np.array([[0.1, -0.5, 0.3]], np.float32)  # int(0.2 * 3) == 0 -> k = 1
+    close(mm.sparsify_magnitude(x, 0.2), [[0.0, -0.5, 0.0]])
+    close(mm.sparsify_magnitude(x, 0.0), [[0.0, 0.0, 0.0]])
+
+
 def test_magnitude_rescale_true_keeps_l1_norm():
     # rescale_sum: kept 0.9 + 0.7 + 0.6 = 2.2; original L1 = 3.77; scale 3.77 / 2.2.
     out = mm.sparsify_magnitude(D10[None], 0.3, rescale=True)
@@ -414,6 +433,14 @@ def test_model_stock_filter_wise_rows():
     close(out, [[(2 / 3) * 0.75, (2 / 3) * math.sqrt(3) / 4], [0.0, 0.0]], atol=1e-6)
 
 
+def test_model_stock_singular_keeps_the_base():
+    # two opposite offsets: cos = -1, 1 + (N - 1) cos = 0 -> mergekit 0.1.5 uses t = 0
+    base = np.array([1.0, 2.0], np.float32)
+    offset = np.array([1.0, 0.0], np.float32)
+    out = mm.model_stock(base, np.stack([base + offset, base - offset]))
+    close(out, base)
+
+
 # ----------------------------------------------------------------- parameter selection
 
 
@@ -426,6 +453,23 @@ def test_parameter_selection_picks_whole_elements_uniformly():
     assert set(np.unique(src).tolist()) <= {0.0, 1.0, 2.0}
     freq = np.bincount(src.astype(int), minlength=3) / size
     close(freq, [1 / 3] * 3, atol=0.02)
+
+
+def test_predrawn_uniforms_reproduce_the_key_draws():
+    # uniform < p is exactly bernoulli(key, p) for uniform = jax.random.uniform(key, shape)
+    key = jax.random.key(11)
+    u = jax.random.uniform(key, TIES_DELTAS.shape)
+    for rescale in (True, False, "l1"):
+        a = mm.sparsify_random(TIES_DELTAS, 0.5, key, rescale)
+        b = mm.sparsify_random(TIES_DELTAS, 0.5, None, rescale, uniform=u)
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    a = mm.sparsify_della(TIES_DELTAS, 0.5, 0.2, key)
+    b = mm.sparsify_della(TIES_DELTAS, 0.5, 0.2, None, uniform=u)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # parameter selection from uniforms: model floor(N u)
+    models = np.stack([np.zeros(4), np.ones(4), np.full(4, 2.0)]).astype(np.float32)
+    u = np.array([0.0, 0.34, 0.67, 0.999], np.float32)
+    close(mm.parameter_selection(models, None, uniform=u), [0.0, 1.0, 2.0, 2.0])
 
 
 # ----------------------------------------------------------------- seeds, jit, dtype

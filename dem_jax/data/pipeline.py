@@ -50,19 +50,25 @@ def _tokenize(data: DataConfig, tokenizer, records, name: str, split: str) -> Sp
     return Split(name, rows, loss_tokens, len(records))
 
 
-def load_splits(data: DataConfig, tokenizer, name: str) -> tuple[Split, Split]:
-    """(train, validation) rows of one distribution."""
+def distribution_records(data: DataConfig, name: str) -> tuple[list[dict], list[dict]]:
+    """(train, validation) records of one distribution: its ``validation`` file, or
+    the held-out fraction of its training file (fixed by ``data.shuffle_seed``, so
+    training, scoring and search all hold out the same records)."""
     if name not in data.distributions:
         known = ", ".join(data.distributions) or "none"
         raise DemError(f"unknown distribution {name!r} (configured: {known})")
     dist = data.distributions[name]
     records = read_jsonl(dist.train, dist.max_examples)
     if dist.validation is not None:
-        train, val = records, read_jsonl(dist.validation)
-    else:
-        train, val = split_validation(
-            records, dist.validation_fraction, data.shuffle_seed, f"data.distributions.{name}"
-        )
+        return records, read_jsonl(dist.validation)
+    return split_validation(
+        records, dist.validation_fraction, data.shuffle_seed, f"data.distributions.{name}"
+    )
+
+
+def load_splits(data: DataConfig, tokenizer, name: str) -> tuple[Split, Split]:
+    """(train, validation) rows of one distribution."""
+    train, val = distribution_records(data, name)
     return (
         _tokenize(data, tokenizer, train, name, "train"),
         _tokenize(data, tokenizer, val, name, "validation"),

@@ -24,7 +24,10 @@ class TrainCheckpoints:
         self._manager = ocp.CheckpointManager(
             path,
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=keep, create=True, enable_async_checkpointing=async_save
+                max_to_keep=keep,
+                create=True,
+                enable_async_checkpointing=async_save,
+                cleanup_tmp_directories=True,  # half-written saves of a killed run
             ),
         )
 

@@ -1,0 +1,96 @@
+"""``dem-jax vectors``: distribution vectors of fine-tuned models, and their diagnostics.
+
+    dem-jax vectors --base base/ --model code=ft/code --model math=ft/math --out vectors/
+
+writes ``vectors/code`` and ``vectors/math`` (dem-jax vector directories) and
+``vectors/diagnostics.json``, and prints the diagnostics (``--json``: as JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+from dem_jax.errors import DemError
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+DIAGNOSTICS_FILE = "diagnostics.json"
+
+
+def parse_named_paths(entries: list[str], flag: str = "--model") -> list[tuple[str, str]]:
+    """['code=ft/code', ...] -> [('code', 'ft/code'), ...]; names distinct and file-safe."""
+    out: list[tuple[str, str]] = []
+    for entry in entries:
+        name, sep, path = entry.partition("=")
+        if not sep or not path or not _NAME.fullmatch(name):
+            raise DemError(
+                f"{flag}: expected NAME=PATH with NAME of letters, digits, '_', '-', '.', "
+                f"got {entry!r}"
+            )
+        if any(name == n for n, _ in out):
+            raise DemError(f"{flag}: name {name!r} given twice")
+        out.append((name, path))
+    return out
+
+
+def cmd_vectors(args: argparse.Namespace) -> int:
+    """Compute, save and diagnose one vector per --model."""
+    from dem_jax.api import load_model
+    from dem_jax.cli import parse_mesh
+    from dem_jax.vectors import (
+        distribution_vector,
+        format_diagnostics,
+        save_vector,
+        vector_diagnostics,
+    )
+
+    models = parse_named_paths(args.model)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise DemError(f"{out}: --out exists and is not a directory")
+    if not out.parent.exists():
+        raise DemError(f"{out.parent}: --out's parent directory does not exist")
+    for name, _ in models:
+        if (out / name).exists() and not args.overwrite:
+            raise DemError(f"{out / name}: output already exists (pass --overwrite to replace it)")
+    mesh = parse_mesh(args.mesh)
+    start = time.perf_counter()
+    base = load_model(args.base, mesh=mesh)
+    out.mkdir(exist_ok=True)
+    vectors = []
+    for name, path in models:
+        model = load_model(path, mesh=mesh)
+        vec = distribution_vector(base, model, name=name, base_path=args.base, model_path=path)
+        del model
+        save_vector(vec, out / name, overwrite=args.overwrite)
+        vectors.append(vec)
+        print(f"wrote {out / name} ({time.perf_counter() - start:.1f}s)", file=sys.stderr)
+    diag = vector_diagnostics(vectors, [n for n, _ in models])
+    (out / DIAGNOSTICS_FILE).write_text(json.dumps(diag, indent=2) + "\n")
+    print(json.dumps(diag, indent=2) if args.json else format_diagnostics(diag))
+    return 0
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    """Add ``vectors`` to the ``dem-jax`` subcommands."""
+    p = subparsers.add_parser(
+        "vectors", help="distribution vectors (fine-tuned - base) and their diagnostics"
+    )
+    p.add_argument("--base", required=True, help="base model directory (HF or dem-jax)")
+    p.add_argument(
+        "--model",
+        action="append",
+        required=True,
+        metavar="NAME=PATH",
+        help="a fine-tuned model; repeat for each distribution",
+    )
+    p.add_argument("--out", required=True, help="directory for one vector per NAME")
+    p.add_argument("--json", action="store_true", help="print the diagnostics as JSON")
+    p.add_argument("--mesh", help="compute on a device mesh, e.g. fsdp=2,tensor=4")
+    p.add_argument("--overwrite", action="store_true", help="replace existing vectors")
+    p.set_defaults(func=cmd_vectors)
+    return p

@@ -1,0 +1,187 @@
+"""`dem-jax pipeline` end to end on a miniature run: report content, export parity,
+incremental re-runs and a kill mid-run."""
+
+import json
+import math
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from train_helpers import ROOT, cli_env, dem_jax_cmd, run_cli
+
+TINY_DATA = ROOT / "configs" / "tiny"
+
+
+def mini_config(out: Path, names=("reverse", "sort")) -> Path:
+    """A seconds-scale pipeline config on the built-in synthetic data."""
+    cfg = {
+        "output_dir": str(out),
+        "model": {
+            "init": {
+                "vocab_size": 55,
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_layers": 2,
+                "num_heads": 4,
+                "num_kv_heads": 2,
+            }
+        },
+        "mesh": {"data": 1, "fsdp": 1, "tensor": 1},
+        "data": {
+            "tokenizer": str(TINY_DATA / "tokenizer"),
+            "seq_len": 32,
+            "packing": False,
+            "distributions": {
+                n: {
+                    "train": str(TINY_DATA / f"{n}.train.jsonl"),
+                    "validation": str(TINY_DATA / f"{n}.val.jsonl"),
+                }
+                for n in names
+            },
+        },
+        "train": {
+            "steps": 12,
+            "batch_size": 8,
+            "learning_rate": 3.0e-3,
+            "warmup_steps": 2,
+            "compute_dtype": "float32",
+            "eval_every": 0,
+            "log_every": 4,
+            "checkpoint_every": 4,
+        },
+        "search": {"strategy": "grid", "grid": [0.0, 0.5, 1.0], "batch_size": 8},
+        "pipeline": {
+            "pretrain": {"steps": 8, "batch_size": 8},
+            "mixtures": ["uniform"],
+            "eval_max_examples": 8,
+            "max_new_tokens": 6,
+            "task_arithmetic_grid": [0.5, 1.0],
+        },
+    }
+    path = out.parent / f"{out.name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pipeline") / "run"
+    config = mini_config(out)
+    done = run_cli("pipeline", config)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return out, config, done
+
+
+def test_report_has_every_model_and_finite_numbers(finished_run):
+    out, _, done = finished_run
+    report = json.loads((out / "report" / "report.json").read_text())
+    expected = {
+        "base",
+        "dem",
+        "ft-reverse",
+        "ft-sort",
+        "mixture-uniform",
+        "uniform_soup",
+        "task_arithmetic",
+        "ties",
+        "dare_linear",
+    }
+    assert set(report["models"]) == expected
+    for label, info in report["models"].items():
+        for name in ("reverse", "sort"):
+            ev = info["eval"][name]
+            assert math.isfinite(ev["nll"]) and ev["ppl"] > 1 and ev["tokens"] > 0, label
+            assert 0.0 <= ev["accuracy"] <= 1.0  # both have checkable answers
+    for png in ("heatmap.png", "training_curves.png", "search.png"):
+        assert (out / "report" / png).stat().st_size > 1000
+    md = (out / "report" / "report.md").read_text()
+    assert "| dem |" in md and "mixture-uniform" in md
+    assert "mean log-ppl" in done.stdout  # the summary table is printed
+    cost = report["cost"]
+    assert cost["mixing_runs"] == 1 and cost["dem_total_flops"] > 0
+
+
+def test_dem_weights_are_the_search_argmin(finished_run):
+    out, _, _ = finished_run
+    report = json.loads((out / "report" / "report.json").read_text())
+    table = json.loads((out / "search" / "candidates.json").read_text())
+    best = min(table["candidates"], key=lambda c: c["objective"])
+    assert report["dem"]["omega"] == best["omega"]
+    assert len(table["candidates"]) == 9  # the 3 x 3 grid
+    # The DEM model's own evaluation reproduces the search's objective.
+    dem_eval = report["models"]["dem"]["eval"]
+    mean_nll = np.mean([dem_eval[n]["nll"] for n in ("reverse", "sort")])
+    assert mean_nll == pytest.approx(best["objective"], rel=1e-4)
+
+
+def test_exported_model_matches_in_transformers(finished_run):
+    import torch
+    import transformers
+
+    from dem_jax.data.records import read_jsonl
+    from dem_jax.data.tokenize import load_tokenizer
+    from dem_jax.score import encode_records
+
+    out, _, _ = finished_run
+    report = json.loads((out / "report" / "report.json").read_text())
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out / "models" / "dem-hf").eval()
+    tok = load_tokenizer(TINY_DATA / "tokenizer")
+    rows = encode_records(read_jsonl(TINY_DATA / "sort.val.jsonl"), tok, 32, False).rows
+    total, count = 0.0, 0.0
+    with torch.no_grad():
+        for r in rows:
+            n = int((r["segment_ids"] > 0).sum())
+            logits = hf(torch.tensor(r["tokens"][None, :n], dtype=torch.long)).logits[0]
+            logp = torch.log_softmax(logits.double(), -1)
+            nll = -logp[torch.arange(n), torch.tensor(r["targets"][:n], dtype=torch.long)]
+            mask = torch.tensor(r["loss_mask"][:n], dtype=torch.float64)
+            total += float((nll * mask).sum())
+            count += float(mask.sum())
+    assert report["models"]["dem"]["eval"]["sort"]["tokens"] == count
+    assert total / count == pytest.approx(report["models"]["dem"]["eval"]["sort"]["nll"], rel=1e-4)
+
+
+def test_adding_a_distribution_trains_only_it_even_when_killed(finished_run, tmp_path):
+    out, _, _ = finished_run
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    config = mini_config(copy, names=("reverse", "sort", "arithmetic"))
+    sort_log = (copy / "logs" / "sort.jsonl").read_text()
+
+    # Start the re-run, kill it once the new fine-tune and its vector are written
+    # (the search is in flight), then run it again to completion.
+    proc = subprocess.Popen(
+        dem_jax_cmd("pipeline", config),
+        env=cli_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 600
+    while not (copy / "vectors" / "arithmetic").exists():
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    _, first_err = proc.communicate()
+    assert "[sort] already trained" in first_err and "[reverse] already trained" in first_err
+    assert "[reverse] train " not in first_err and "[sort] train " not in first_err
+
+    done = run_cli("pipeline", config)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "[arithmetic] already trained" in done.stderr  # not redone after the kill
+    assert "[arithmetic] train " not in done.stderr
+    assert (copy / "logs" / "sort.jsonl").read_text() == sort_log
+    report = json.loads((copy / "report" / "report.json").read_text())
+    assert report["distributions"] == ["arithmetic", "reverse", "sort"]
+    assert set(report["dem"]["omega"]) == {"arithmetic", "reverse", "sort"}
+    mixture = json.loads((copy / "models" / "mixture-uniform" / "dem_jax_model.json").read_text())[
+        "metadata"
+    ]["trained_on"]
+    assert mixture == ["arithmetic", "reverse", "sort"]  # data mixing had to retrain
+    assert not list(copy.rglob("*.tmp-*"))  # no half-written outputs left behind
