@@ -11,6 +11,8 @@ compared exactly at density 1 (no drop) and statistically below it.
 
 from __future__ import annotations
 
+# mergekit is a test extra: the reference these tests exist for, so no skip if missing.
+import mergekit  # noqa: F401
 import numpy as np
 import pytest
 import yaml
@@ -18,9 +20,6 @@ from safetensors.numpy import load_file
 from test_merge import make_family
 
 from dem_jax.merge import merge_from_config
-
-# mergekit is a test extra: the reference these tests exist for, so no skip if missing.
-import mergekit  # noqa: F401, E402
 
 TOL = 1e-6
 
