@@ -37,7 +37,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from dem_jax.data.packing import make_rows, stack_rows
+from dem_jax.data.packing import empty_row, make_rows, stack_rows
 from dem_jax.data.records import read_jsonl
 from dem_jax.data.tokenize import encode_record, load_tokenizer
 from dem_jax.errors import DemError
@@ -121,17 +121,6 @@ def encode_records(
     return EncodedSet(rows, tokens, n_bytes, n_records)
 
 
-def blank_row(seq_len: int) -> dict[str, np.ndarray]:
-    """A padding row: no loss, segment 0 (attends only to other padding)."""
-    return {
-        "tokens": np.zeros(seq_len, np.int32),
-        "targets": np.zeros(seq_len, np.int32),
-        "loss_mask": np.zeros(seq_len, np.float32),
-        "segment_ids": np.zeros(seq_len, np.int32),
-        "positions": np.zeros(seq_len, np.int32),
-    }
-
-
 def pad_batches(
     rows: list[dict[str, np.ndarray]], batch_size: int, max_batches: int = 0
 ) -> list[dict[str, np.ndarray]]:
@@ -142,7 +131,7 @@ def pad_batches(
     if not rows:
         return []
     n = math.ceil(len(rows) / batch_size)
-    blank = blank_row(len(rows[0]["tokens"]))
+    blank = empty_row(len(rows[0]["tokens"]))
     rows = rows + [blank] * (n * batch_size - len(rows))
     return [stack_rows(rows[i * batch_size : (i + 1) * batch_size]) for i in range(n)]
 

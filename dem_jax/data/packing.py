@@ -30,7 +30,8 @@ def _pieces(encoding: Encoding, seq_len: int) -> Iterator[tuple[np.ndarray, np.n
         yield ids[start:end], mask[start:end]
 
 
-def _empty_row(seq_len: int) -> dict[str, np.ndarray]:
+def empty_row(seq_len: int) -> dict[str, np.ndarray]:
+    """A row with no tokens: no loss, segment 0 (padding attends only to padding)."""
     return {
         "tokens": np.zeros(seq_len, np.int32),
         "targets": np.zeros(seq_len, np.int32),
@@ -60,13 +61,13 @@ def make_rows(
     each piece gets a row of its own, padded.
     """
     rows: list[dict[str, np.ndarray]] = []
-    row, offset, segment = _empty_row(seq_len), 0, 0
+    row, offset, segment = empty_row(seq_len), 0, 0
     for encoding in encodings:
         for ids, mask in _pieces(encoding, seq_len):
             n = len(ids) - 1
             if offset and (not packing or offset + n > seq_len):
                 rows.append(row)
-                row, offset, segment = _empty_row(seq_len), 0, 0
+                row, offset, segment = empty_row(seq_len), 0, 0
             segment += 1
             offset = _place(row, offset, segment, ids, mask)
     if offset:

@@ -10,7 +10,6 @@ every checkpoint, so a resumed run sees exactly the batches it would have.
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -20,7 +19,7 @@ import jax
 import numpy as np
 
 from dem_jax.config import DataConfig
-from dem_jax.data.packing import ROW_FIELDS, make_rows, stack_rows
+from dem_jax.data.packing import empty_row, make_rows, stack_rows
 from dem_jax.data.records import read_jsonl, split_validation
 from dem_jax.data.tokenize import encode_record
 from dem_jax.errors import DemError
@@ -154,18 +153,9 @@ def eval_batches(
         rows = rows[: max_batches * batch_size]
     n_batches = math.ceil(len(rows) / batch_size)
     n_batches = math.ceil(n_batches / process_count) * process_count  # equal share per host
-    padded = rows + [_blank_like(rows[0])] * (n_batches * batch_size - len(rows))
+    padded = rows + [empty_row(len(rows[0]["tokens"]))] * (n_batches * batch_size - len(rows))
     mine = range(process_index, n_batches, process_count)
     return [stack_rows(padded[b * batch_size : (b + 1) * batch_size]) for b in mine]
-
-
-@functools.lru_cache(maxsize=8)
-def _zeros(shape: tuple[int, ...], dtype: str) -> np.ndarray:
-    return np.zeros(shape, dtype)
-
-
-def _blank_like(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {k: _zeros(row[k].shape, row[k].dtype.str) for k in ROW_FIELDS}
 
 
 def to_global(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
