@@ -24,9 +24,11 @@ model needs:
 * **Two executors, one kernel.** In memory (every input loaded, then merged
   leaf by leaf) or streaming (each input leaf read from its checkpoint when
   needed: Orbax restores one leaf, Hugging Face reads its tensors), so peak
-  memory is about the output plus one parameter per input; a Hugging Face
-  output is written leaf by leaf. Both call the same jitted function, so they
-  agree bit for bit.
+  memory is the output plus a few copies of one leaf per input instead of
+  every input model (a leaf holds one parameter of every layer, at most about
+  a fifth of a Llama model; numbers in bench/bench_merge.py). A Hugging Face
+  output is written leaf by leaf, so it is not held either. Both executors
+  call the same jitted function, so they agree bit for bit.
 
 Inputs are models (Θ_i) or distribution vectors (ΔΘ_i, :mod:`dem_jax.vectors`);
 task-arithmetic methods use a vector as it is, the others use Θ + ΔΘ.

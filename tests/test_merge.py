@@ -215,7 +215,7 @@ def test_dtype_rounds_inputs_and_out_dtype_casts(family, loaded):
 
 
 def test_hf_and_orbax_outputs_load_back(family, tmp_path):
-    inputs = [M.MergeInput(p, {"weight": 0.5, "density": 0.7}) for p in family[1:]]
+    inputs = [M.MergeInput(p, TIES) for p in family[1:]]  # compiled by earlier tests
     ref = leaves(M.merge("ties", family[0], inputs))
     for fmt in ("hf", "orbax"):
         out = M.merge_to_directory(tmp_path / fmt, "ties", family[0], inputs, format=fmt)
