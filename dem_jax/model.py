@@ -213,10 +213,7 @@ class DecoderLM(nnx.Module):
     def _run_layers(self, x, cos, sin, q_segments, k_segments, index, kv):
         c = self.config
         graphdef, state = nnx.split(self.layers)
-        windows = jnp.asarray(
-            [_NO_WINDOW if w is None else w for w in (c.sliding_windows or [None] * c.num_layers)],
-            jnp.int32,
-        )
+        windows = layer_windows(c)
 
         def layer(x, scanned):
             layer_state, window, layer_kv = scanned
@@ -229,6 +226,12 @@ class DecoderLM(nnx.Module):
         if c.remat:
             layer = jax.checkpoint(layer, prevent_cse=False)
         return jax.lax.scan(layer, x, (state, windows, kv))
+
+
+def layer_windows(config: ModelConfig) -> jax.Array:
+    """(L,) int32 attention window per layer; a huge value where attention is full."""
+    windows = config.sliding_windows or (None,) * config.num_layers
+    return jnp.asarray([_NO_WINDOW if w is None else w for w in windows], jnp.int32)
 
 
 def attention_mask(
