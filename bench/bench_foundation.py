@@ -22,19 +22,10 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from common import best_of, llama_pair
 
 import dem_jax
 from dem_jax import model as model_lib
-
-
-def best_of(fn, repeats: int) -> float:
-    """Fastest wall time of ``repeats`` calls (the least noisy estimate here)."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def bench_conversion(size_mb: float, repeats: int) -> None:
@@ -135,25 +126,8 @@ def bench_compile() -> None:
 
 def bench_forward(repeats: int) -> None:
     import torch
-    import transformers
 
-    torch.set_num_threads(os.cpu_count() or 1)
-    hf_config = transformers.LlamaConfig(
-        vocab_size=4096,
-        hidden_size=256,
-        intermediate_size=688,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        max_position_embeddings=512,
-    )
-    hf = transformers.LlamaForCausalLM(hf_config).eval()
-    root = Path(tempfile.mkdtemp(prefix="dem_bench_"))
-    try:
-        hf.save_pretrained(root)
-        model = dem_jax.load_model(root)
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+    hf, model = llama_pair()
     batch, length = 8, 256
     tokens = np.random.default_rng(0).integers(0, 4096, (batch, length))
     torch_tokens = torch.tensor(tokens)

@@ -15,26 +15,16 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from common import best_of, llama_pair
 
-import dem_jax
 from dem_jax.config import TrainConfig
 from dem_jax.flops import train_flops
 from dem_jax.train.optimizer import make_optimizer
 from dem_jax.train.step import init_state, train_step
-
-
-def best_of(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def matmul_flops_per_s(n: int = 2048, repeats: int = 5) -> float:
@@ -52,25 +42,8 @@ def main() -> None:
     batch, length = 8, 256
 
     import torch
-    import transformers
 
-    torch.set_num_threads(os.cpu_count() or 1)
-    hf_config = transformers.LlamaConfig(
-        vocab_size=4096,
-        hidden_size=256,
-        intermediate_size=688,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        max_position_embeddings=512,
-    )
-    torch.manual_seed(0)
-    hf = transformers.LlamaForCausalLM(hf_config).train()
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        hf.save_pretrained(tmp)
-        model = dem_jax.load_model(tmp)
+    hf, model = llama_pair(train=True)
     config = model.config
     tokens = np.random.default_rng(0).integers(0, 4096, (batch, length + 1)).astype(np.int32)
 
