@@ -52,17 +52,22 @@ def save_orbax(
     return Path(out)
 
 
-def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
-    """The parsed ``dem_jax_model.json`` of a dem-jax directory, validated."""
-    path = Path(directory) / DEM_METADATA
+def read_format_json(path: Path, format_name: str, version: int) -> dict[str, Any]:
+    """A dem-jax metadata file (model or vector directory), checked for its format
+    name, version and model config."""
     meta = read_json(path)
-    if meta.get("format") != FORMAT_NAME:
-        raise DemError(f"{path}: format is {meta.get('format')!r}, expected {FORMAT_NAME!r}")
-    if meta.get("version") != FORMAT_VERSION:
+    if meta.get("format") != format_name:
+        raise DemError(f"{path}: format is {meta.get('format')!r}, expected {format_name!r}")
+    if meta.get("version") != version:
         raise DemError(f"{path}: unsupported version {meta.get('version')!r}")
     if not isinstance(meta.get("model"), dict):
         raise DemError(f"{path}: missing the 'model' config")
     return meta
+
+
+def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
+    """The parsed ``dem_jax_model.json`` of a dem-jax directory, validated."""
+    return read_format_json(Path(directory) / DEM_METADATA, FORMAT_NAME, FORMAT_VERSION)
 
 
 def load_orbax(directory: str | os.PathLike, mesh: Mesh | None = None, dtype: str | None = None):

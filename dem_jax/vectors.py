@@ -28,9 +28,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
+from dem_jax.checkpoint import read_format_json
 from dem_jax.config import ModelConfig
 from dem_jax.errors import DemError
-from dem_jax.hf.checkpoint import read_json
 from dem_jax.hf.weights import TensorMap, tensor_maps
 from dem_jax.model import param_shapes
 from dem_jax.modeldir import Model, atomic_directory
@@ -177,17 +177,9 @@ def save_vector(vector: Vector, out: str | os.PathLike, overwrite: bool = False)
 
 def read_vector_metadata(directory: str | os.PathLike) -> dict[str, Any]:
     """The validated ``dem_jax_vector.json`` of a vector directory."""
-    path = Path(directory) / VECTOR_METADATA
     if not Path(directory).is_dir():
         raise DemError(f"{directory}: vector directory does not exist")
-    meta = read_json(path)
-    if meta.get("format") != FORMAT_NAME:
-        raise DemError(f"{path}: format is {meta.get('format')!r}, expected {FORMAT_NAME!r}")
-    if meta.get("version") != FORMAT_VERSION:
-        raise DemError(f"{path}: unsupported version {meta.get('version')!r}")
-    if not isinstance(meta.get("model"), dict):
-        raise DemError(f"{path}: missing the 'model' config")
-    return meta
+    return read_format_json(Path(directory) / VECTOR_METADATA, FORMAT_NAME, FORMAT_VERSION)
 
 
 def vector_config(directory: str | os.PathLike) -> ModelConfig:
