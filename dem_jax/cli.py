@@ -58,7 +58,18 @@ def log(message: str) -> None:
 
 
 # Subcommand modules in dem_jax.commands, in --help order.
-COMMANDS = ("demo", "pipeline", "train", "vectors", "merge", "score", "search", "convert", "plan")
+COMMANDS = (
+    "demo",
+    "pipeline",
+    "train",
+    "mixture",
+    "vectors",
+    "merge",
+    "score",
+    "search",
+    "convert",
+    "plan",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

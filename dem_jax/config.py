@@ -187,6 +187,9 @@ class DistributionConfig:
     max_examples: int | None = None  # read at most this many training records
 
 
+MIXTURES = ("uniform", "size", "taskpgm")  # named data.mixture choices
+
+
 @dataclass
 class DataConfig:
     """Tokenisation, packing and the distributions to train on."""
@@ -200,15 +203,17 @@ class DataConfig:
     add_eos: bool = True  # append EOS, so models learn to stop
     shuffle_seed: int = 0  # data order; fixed so runs and resumes are reproducible
     # Mixture for the data-mixing baseline: "uniform", "size" (proportional to
-    # training tokens) or an explicit {name: weight} mapping.
+    # training tokens), "taskpgm" (output_dir/mixture/proportions.json, written by
+    # `dem-jax mixture`) or an explicit {name: weight} mapping.
     mixture: str | dict[str, float] = "uniform"
 
     def __post_init__(self):
         if self.seq_len < 2:
             raise DemError(f"data.seq_len must be >= 2, got {self.seq_len}")
-        if isinstance(self.mixture, str) and self.mixture not in ("uniform", "size"):
+        if isinstance(self.mixture, str) and self.mixture not in MIXTURES:
             raise DemError(
-                f"data.mixture must be 'uniform', 'size' or a mapping, got {self.mixture!r}"
+                "data.mixture must be 'uniform', 'size', 'taskpgm' or a mapping, "
+                f"got {self.mixture!r}"
             )
         for name, dist in self.distributions.items():
             if not 0.0 < dist.validation_fraction < 1.0:
@@ -335,39 +340,72 @@ class PretrainConfig:
 
 
 @dataclass
+class TaskPGMConfig:
+    """TaskPGM mixture proportions from fine-tuned models' similarity (dem_jax.taskpgm)."""
+
+    similarity: str = "pmi"  # pmi (log-likelihood ratios) or jsd (next-token distributions)
+    lam: float = 1.0  # weight of the redundancy (pairwise) term
+    beta: float = 1.0  # weight of the representativeness (unary) term
+    method: str = "exact"  # exact (active set) or closed_form (the paper's, then projected)
+    batch_size: int = 8  # validation rows per forward pass
+    max_examples: int = 0  # validation records per distribution; 0 = all
+
+    def __post_init__(self):
+        if self.similarity not in ("pmi", "jsd"):
+            raise DemError(
+                f"pipeline.taskpgm.similarity must be pmi or jsd, got {self.similarity!r}"
+            )
+        if self.method not in ("exact", "closed_form"):
+            raise DemError(
+                f"pipeline.taskpgm.method must be exact or closed_form, got {self.method!r}"
+            )
+        if self.lam <= 0 or self.batch_size <= 0 or self.max_examples < 0:
+            raise DemError("pipeline.taskpgm: lam and batch_size must be > 0, max_examples >= 0")
+
+
+BASELINES = ("uniform_soup", "task_arithmetic", "ties", "dare_linear", "fisher", "regmean")
+
+
+@dataclass
 class PipelineConfig:
     """What `dem-jax pipeline` runs besides DEM itself."""
 
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     # Data-mixing baselines, each a full training run on all distributions:
-    # "uniform", "size", or {name: weight} mixtures.
+    # "uniform", "size", "taskpgm" (proportions from the fine-tunes, see taskpgm)
+    # or {name: weight} mixtures.
     mixtures: list[str | dict[str, float]] = field(default_factory=lambda: ["uniform", "size"])
     # Steps of each mixture run; default train.steps x number of distributions, i.e.
     # the same data exposure as all the fine-tunes together.
     mixture_steps: int | None = None
-    # Baselines over the same distribution vectors.
-    baselines: list[str] = field(
-        default_factory=lambda: ["uniform_soup", "task_arithmetic", "ties", "dare_linear"]
-    )
+    # Merge baselines: over the same distribution vectors, and (fisher, regmean)
+    # over the fine-tunes with statistics from their validation rows.
+    baselines: list[str] = field(default_factory=lambda: list(BASELINES))
     task_arithmetic_grid: list[float] = field(
         default_factory=lambda: [0.25, 0.5, 0.75, 1.0, 1.25]
     )  # one lambda for every vector, chosen by the same validation objective
     density: float = 0.5  # ties / dare_linear density
     seed: int = 0  # dare_linear's random drop
+    regmean_alpha: float = 0.9  # regmean: off-diagonal Gram entries scaled by this
+    taskpgm: TaskPGMConfig = field(default_factory=TaskPGMConfig)
     answer_eval: bool = True  # exact-match accuracy where records have an "answer"
     max_new_tokens: int = 16  # greedy decoding budget for answers
-    eval_max_examples: int = 200  # validation records per distribution for answer accuracy
+    # Validation records per distribution for answer accuracy, and for the
+    # fisher/regmean statistics.
+    eval_max_examples: int = 200
     export_hf: bool = True  # export the DEM model to Hugging Face format
 
     def __post_init__(self):
-        known = {"uniform_soup", "task_arithmetic", "ties", "dare_linear"}
-        unknown = [b for b in self.baselines if b not in known]
+        unknown = [b for b in self.baselines if b not in BASELINES]
         if unknown:
             raise DemError(
-                f"pipeline.baselines: unknown {unknown[0]!r} (known: {', '.join(sorted(known))})"
+                f"pipeline.baselines: unknown {unknown[0]!r} "
+                f"(known: {', '.join(sorted(BASELINES))})"
             )
         if not 0.0 < self.density <= 1.0:
             raise DemError(f"pipeline.density must be in (0, 1], got {self.density}")
+        if not 0.0 <= self.regmean_alpha <= 1.0:
+            raise DemError(f"pipeline.regmean_alpha must be in [0, 1], got {self.regmean_alpha}")
 
 
 @dataclass

@@ -66,7 +66,7 @@ def demo_config(root: Path) -> dict:
             # A base that has seen a little of everything, as a pretrained LLM has;
             # the fine-tunes then specialise it.
             "pretrain": {"steps": 300, "learning_rate": 3.0e-3},
-            "mixtures": ["uniform", "size"],
+            "mixtures": ["uniform", "size", "taskpgm"],
             "eval_max_examples": 100,
             "max_new_tokens": 10,
         },

@@ -45,6 +45,16 @@ class RunLayout:
         return self.root / "search"
 
     @property
+    def mixture_dir(self) -> Path:
+        """TaskPGM mixture proportions, similarity matrices and heatmap."""
+        return self.root / "mixture"
+
+    @property
+    def mixture_proportions(self) -> Path:
+        """The TaskPGM proportions ``data.mixture: taskpgm`` trains with."""
+        return self.mixture_dir / "proportions.json"
+
+    @property
     def merged_model(self) -> Path:
         """The DEM model: base + chosen weighted vectors."""
         return self.root / "models" / "dem"

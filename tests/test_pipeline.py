@@ -57,7 +57,7 @@ def mini_config(out: Path, names=("reverse", "sort")) -> Path:
         "search": {"strategy": "grid", "grid": [0.0, 0.5, 1.0], "batch_size": 8},
         "pipeline": {
             "pretrain": {"steps": 8, "batch_size": 8},
-            "mixtures": ["uniform"],
+            "mixtures": ["uniform", "taskpgm"],
             "eval_max_examples": 8,
             "max_new_tokens": 6,
             "task_arithmetic_grid": [0.5, 1.0],
@@ -86,10 +86,13 @@ def test_report_has_every_model_and_finite_numbers(finished_run):
         "ft-reverse",
         "ft-sort",
         "mixture-uniform",
+        "mixture-taskpgm",
         "uniform_soup",
         "task_arithmetic",
         "ties",
         "dare_linear",
+        "fisher",
+        "regmean",
     }
     assert set(report["models"]) == expected
     for label, info in report["models"].items():
@@ -103,7 +106,11 @@ def test_report_has_every_model_and_finite_numbers(finished_run):
     assert "| dem |" in md and "mixture-uniform" in md
     assert "mean log-ppl" in done.stdout  # the summary table is printed
     cost = report["cost"]
-    assert cost["mixing_runs"] == 1 and cost["dem_total_flops"] > 0
+    assert cost["mixing_runs"] == 2 and cost["dem_total_flops"] > 0
+    # The TaskPGM run trained with the proportions the mixture stage wrote.
+    proportions = json.loads((out / "mixture" / "proportions.json").read_text())
+    meta = json.loads((out / "models" / "mixture-taskpgm" / "dem_jax_model.json").read_text())
+    assert meta["metadata"]["mixture"] == pytest.approx(proportions)
 
 
 def test_dem_weights_are_the_search_argmin(finished_run):
@@ -184,4 +191,6 @@ def test_adding_a_distribution_trains_only_it_even_when_killed(finished_run, tmp
         "metadata"
     ]["trained_on"]
     assert mixture == ["arithmetic", "reverse", "sort"]  # data mixing had to retrain
+    proportions = json.loads((copy / "mixture" / "proportions.json").read_text())
+    assert set(proportions) == {"arithmetic", "reverse", "sort"}  # TaskPGM recomputed
     assert not list(copy.rglob("*.tmp-*"))  # no half-written outputs left behind

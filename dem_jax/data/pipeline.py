@@ -10,8 +10,10 @@ every checkpoint, so a resumed run sees exactly the batches it would have.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grain
@@ -74,12 +76,17 @@ def load_splits(data: DataConfig, tokenizer, name: str) -> tuple[Split, Split]:
     )
 
 
-def mixture_weights(data: DataConfig, splits: dict[str, Split]) -> dict[str, float]:
-    """Normalised proportions for the data-mixing baseline."""
+def mixture_weights(
+    data: DataConfig, splits: dict[str, Split], proportions_path: Path | None = None
+) -> dict[str, float]:
+    """Normalised proportions for the data-mixing baseline. ``data.mixture: taskpgm``
+    reads them from ``proportions_path`` (``{name: p}``, written by ``dem-jax mixture``)."""
     if data.mixture == "uniform":
         raw = {n: 1.0 for n in splits}
     elif data.mixture == "size":
         raw = {n: float(s.loss_tokens) for n, s in splits.items()}
+    elif data.mixture == "taskpgm":
+        raw = read_proportions(proportions_path, list(splits))
     else:
         unknown = sorted(set(data.mixture) - set(splits))
         if unknown:
@@ -89,6 +96,26 @@ def mixture_weights(data: DataConfig, splits: dict[str, Split]) -> dict[str, flo
             raise DemError("data.mixture: weights must be >= 0 and not all zero")
     total = sum(raw.values())
     return {n: v / total for n, v in raw.items()}
+
+
+def read_proportions(path: Path | None, names: list[str]) -> dict[str, float]:
+    """TaskPGM proportions of ``names`` from ``path`` (not renormalised)."""
+    if path is None or not Path(path).exists():
+        raise DemError(
+            f"{path}: TaskPGM proportions not found "
+            "(compute them with: dem-jax mixture CONFIG.yaml)"
+        )
+    stored = json.loads(Path(path).read_text())
+    missing = [n for n in names if n not in stored]
+    if missing:
+        raise DemError(
+            f"{path}: no proportion for distribution {missing[0]!r} "
+            "(recompute with: dem-jax mixture CONFIG.yaml)"
+        )
+    raw = {n: float(stored[n]) for n in names}
+    if any(v < 0 for v in raw.values()) or sum(raw.values()) <= 0:
+        raise DemError(f"{path}: proportions must be >= 0 and not all zero")
+    return raw
 
 
 def train_dataset(

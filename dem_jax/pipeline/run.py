@@ -9,16 +9,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 
 from dem_jax.api import load_model, save_model
 from dem_jax.config import BaseModelConfig, RunConfig
-from dem_jax.data.pipeline import distribution_records
+from dem_jax.data.pipeline import distribution_records, read_proportions
 from dem_jax.data.tokenize import load_tokenizer
 from dem_jax.distributed import initialize_from_env
 from dem_jax.flops import forward_flops, train_flops
 from dem_jax.layout import RunLayout
 from dem_jax.modeldir import Model
+from dem_jax.pipeline.data_stages import FISHER_MERGES, fisher_regmean_params, taskpgm_from_config
 from dem_jax.pipeline.evaluate import evaluate_model
 from dem_jax.pipeline.report import format_table, summary_rows, write_report
 from dem_jax.pipeline.state import StageState, fingerprint, model_stamp
@@ -84,8 +86,15 @@ def _train_mixture(cfg: RunConfig, spec, names: list[str], layout: RunLayout, lo
     out = layout.model(name)
     if out.exists():
         meta = load_model(out).metadata
+        stale = None
         if sorted(meta.get("trained_on", [])) != names:
-            log(f"[{name}] distributions changed: retraining the mixture")
+            stale = "distributions changed"
+        elif spec == "taskpgm" and not _same_weights(
+            meta.get("mixture"), read_proportions(layout.mixture_proportions, names)
+        ):
+            stale = "TaskPGM proportions changed"
+        if stale:
+            log(f"[{name}] {stale}: retraining the mixture")
             shutil.rmtree(out)
             shutil.rmtree(layout.checkpoints(name), ignore_errors=True)
             layout.metrics(name).unlink(missing_ok=True)
@@ -98,6 +107,32 @@ def _train_mixture(cfg: RunConfig, spec, names: list[str], layout: RunLayout, lo
     )
     run_training(mix_cfg, name, log=log, distributions=names)
     return out
+
+
+def _same_weights(trained: dict | None, raw: dict[str, float]) -> bool:
+    """Whether a mixture run's recorded weights are ``raw`` normalised."""
+    total = sum(raw.values())
+    return (
+        bool(trained)
+        and set(trained) == set(raw)
+        and all(abs(trained[n] - v / total) <= 1e-9 for n, v in raw.items())
+    )
+
+
+def _taskpgm(cfg: RunConfig, names: list[str], layout: RunLayout, state: StageState, log):
+    """TaskPGM proportions from the fine-tunes, unless already computed for them."""
+    d = cfg.data
+    fp = fingerprint(
+        names,
+        [model_stamp(layout.model(n)) for n in names],
+        dataclasses.asdict(cfg.pipeline.taskpgm),
+        [dataclasses.asdict(d.distributions[n]) for n in names],
+        (d.seq_len, d.prompt_template, d.add_bos, d.add_eos, d.shuffle_seed),
+    )
+    if state.is_done("taskpgm", fp, layout.mixture_proportions):
+        return
+    found = taskpgm_from_config(cfg, progress=log)
+    state.mark("taskpgm", fp, proportions=found["proportions"])
 
 
 def _vectors(base: Model, names: list[str], layout: RunLayout, state: StageState, log):
@@ -121,15 +156,36 @@ def _baselines(cfg, scorer, base: Model, names, layout: RunLayout, state, log) -
 
     p = cfg.pipeline
     stamps = [model_stamp(layout.vector(n)) for n in names]
+    ft_stamps = [model_stamp(layout.model(n)) for n in names]
+    d = cfg.data
     made: dict[str, dict[str, Any]] = {}
     for baseline in p.baselines:
         out = layout.model(baseline)
-        fp = fingerprint(baseline, stamps, p.density, p.seed, p.task_arithmetic_grid)
+        if baseline in FISHER_MERGES:  # statistics of the fine-tunes on validation rows
+            fp = fingerprint(
+                baseline,
+                ft_stamps,
+                p.eval_max_examples,
+                p.regmean_alpha,
+                cfg.search.batch_size,
+                [dataclasses.asdict(d.distributions[n]) for n in names],
+                (d.seq_len, d.prompt_template, d.add_bos, d.add_eos, d.shuffle_seed),
+            )
+        else:
+            fp = fingerprint(baseline, stamps, p.density, p.seed, p.task_arithmetic_grid)
         if state.is_done(f"baseline:{baseline}", fp, out):
             made[baseline] = state.info(f"baseline:{baseline}")
             continue
         info: dict[str, Any] = {}
-        if baseline == "task_arithmetic":
+        if baseline in FISHER_MERGES:
+            merged, _ = fisher_regmean_params(cfg, baseline, names, progress=log)
+            # Stored like the other merges, in the base's parameter dtype.
+            params = jax.tree.map(lambda x: x.astype(base.config.param_dtype), merged)
+            model = Model(base.config, params, base.hf_config, base.assets_dir)
+            info = {"max_examples": p.eval_max_examples}
+            if baseline == "regmean":
+                info["alpha"] = p.regmean_alpha
+        elif baseline == "task_arithmetic":
             # One λ for every vector, chosen by the same validation objective as DEM.
             tried = [
                 (lam, scorer.evaluate(np.full(len(names), lam)).objective)
@@ -217,6 +273,8 @@ def run_pipeline(cfg: RunConfig, log=print) -> PipelineResult:
     baseline_info = _baselines(cfg, scorer, base_on_mesh, names, layout, state, log)
     mixtures = [_mixture_name(m) for m in cfg.pipeline.mixtures]
     for spec in cfg.pipeline.mixtures:
+        if spec == "taskpgm":  # its proportions come from the fine-tunes
+            _taskpgm(ft_cfg, names, layout, state, log)
         _train_mixture(ft_cfg, spec, names, layout, log)
         steps = cfg.pipeline.mixture_steps or t.steps * len(names)
         costs[f"data mixing {_mixture_name(spec)}"] = _train_cost(
@@ -278,7 +336,9 @@ def _result(cfg, names, models, evals, chosen, baseline_info, costs, mixtures, w
     kinds = {"base": "base", "dem": "dem"}
     kinds.update({f"ft-{n}": "fine-tune" for n in names})
     kinds.update({m: "data mixing" for m in mixtures})
-    kinds.update({b: "vector baseline" for b in baseline_info})
+    kinds.update(
+        {b: "merge baseline" if b in FISHER_MERGES else "vector baseline" for b in baseline_info}
+    )
     dem_cost = sum(
         c["total_flops"]
         for k, c in costs.items()

@@ -118,7 +118,9 @@ def run_training(
 
     splits = {n: load_splits(cfg.data, tokenizer, n) for n in sorted(cfg.data.distributions)}
     train_splits = {n: splits[n][0] for n in names}
-    weights = mixture_weights(cfg.data, train_splits) if mixing else None
+    weights = (
+        mixture_weights(cfg.data, train_splits, layout.mixture_proportions) if mixing else None
+    )
     t = cfg.train
     pid, nproc = jax.process_index(), jax.process_count()
     dataset = train_dataset(train_splits, weights, t.batch_size, cfg.data.shuffle_seed, pid, nproc)
