@@ -14,15 +14,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
-import tempfile
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
+from common import llama_pair
 
-import dem_jax
 from dem_jax.data.packing import make_rows, stack_rows
 from dem_jax.data.tokenize import Encoding
 from dem_jax.score import score_rows
@@ -43,28 +40,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer rows and repeats")
     args = parser.parse_args()
     import torch
-    import transformers
 
-    torch.set_num_threads(os.cpu_count() or 1)
     vocab, seq_len, batch = 4096, 256, 8
     n_rows = 32 if args.quick else 96
     repeats = 2 if args.quick else 3
-    hf_config = transformers.LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=256,
-        intermediate_size=688,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        max_position_embeddings=512,
-    )
-    hf = transformers.LlamaForCausalLM(hf_config).eval()
-    root = Path(tempfile.mkdtemp(prefix="dem_bench_"))
-    try:
-        hf.save_pretrained(root)
-        model = dem_jax.load_model(root)
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+    hf, model = llama_pair(vocab)
 
     rng = np.random.default_rng(0)
     docs = [
