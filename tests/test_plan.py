@@ -2,10 +2,8 @@
 plan checked by hand, against real sharded arrays and optimizer state, and against
 XLA's own buffer assignment for the compiled train step."""
 
-import argparse
 import functools
 import json
-import sys
 from pathlib import Path
 
 import jax
@@ -15,7 +13,6 @@ import yaml
 
 import dem_jax
 from dem_jax import cli
-from dem_jax.commands import plan as plan_command
 from dem_jax.config import MeshConfig, ModelConfig, TrainConfig
 from dem_jax.errors import DemError
 from dem_jax.plan import (
@@ -37,19 +34,7 @@ TPU_CONFIGS = sorted((CONFIGS / "tpu").glob("*.yaml"))
 
 def run_plan(capsys, *argv):
     """`dem-jax plan ...` as the CLI runs it: (exit status, stdout, stderr)."""
-    argv = ["plan", *map(str, argv)]
-    if "plan" in getattr(cli, "COMMANDS", ()):
-        code = cli.main(argv)
-    else:  # not wired into dem_jax.cli yet: the same parse-and-dispatch
-        parser = argparse.ArgumentParser(prog="dem-jax")
-        plan_command.register(parser.add_subparsers(dest="command", required=True))
-        args, extra = parser.parse_known_args(argv)
-        args.overrides = [*args.overrides, *extra]
-        try:
-            code = args.func(args)
-        except DemError as e:
-            print(f"dem-jax: error: {e}", file=sys.stderr)
-            code = 2
+    code = cli.main(["plan", *map(str, argv)])
     out = capsys.readouterr()
     return code, out.out, out.err
 

@@ -1,9 +1,7 @@
 """Scoring: parity with transformers, padding = packing, sharded = one device, the CLI."""
 
-import argparse
 import json
 import math
-import sys
 
 import numpy as np
 import pytest
@@ -11,9 +9,7 @@ from hf_models import save_hf_model
 
 import dem_jax
 from dem_jax import cli
-from dem_jax.commands import score as score_cmd
 from dem_jax.data.tokenize import load_tokenizer
-from dem_jax.errors import DemError
 from dem_jax.score import encode_records, score_model, score_rows
 
 TEXT = [
@@ -44,18 +40,8 @@ def setup(tmp_path_factory):
 
 
 def main(argv):
-    """``cli.main`` once `score` is wired into it; until then the same error handling."""
-    argv = [str(a) for a in argv]
-    if "score" in getattr(cli, "COMMANDS", ()):
-        return cli.main(argv)
-    parser = argparse.ArgumentParser(prog="dem-jax")
-    score_cmd.register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except DemError as e:
-        print(f"dem-jax: error: {e}", file=sys.stderr)
-        return 2
+    """Run the dem-jax CLI in process; returns its exit status."""
+    return cli.main([str(a) for a in argv])
 
 
 def torch_reference(hf_model, tokenizer, records, template="{prompt}"):

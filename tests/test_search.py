@@ -1,10 +1,8 @@
 """Weight search: gradients against finite differences, the grid end to end (table,
 chosen ω, merged model on disk), the other strategies, and bad input."""
 
-import argparse
 import csv
 import json
-import sys
 
 import jax
 import numpy as np
@@ -13,10 +11,8 @@ from hf_models import save_hf_model
 
 import dem_jax
 from dem_jax import cli
-from dem_jax.commands import search as search_cmd
 from dem_jax.config import SearchConfig
 from dem_jax.data.tokenize import load_tokenizer
-from dem_jax.errors import DemError
 from dem_jax.layout import RunLayout
 from dem_jax.model import param_shapes
 from dem_jax.modeldir import Model
@@ -89,18 +85,8 @@ def run_dir(tmp_path_factory):
 
 
 def main(argv):
-    """``cli.main`` once `search` is wired into it; until then the same error handling."""
-    argv = [str(a) for a in argv]
-    if "search" in getattr(cli, "COMMANDS", ()):
-        return cli.main(argv)
-    parser = argparse.ArgumentParser(prog="dem-jax")
-    search_cmd.register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except DemError as e:
-        print(f"dem-jax: error: {e}", file=sys.stderr)
-        return 2
+    """Run the dem-jax CLI in process; returns its exit status."""
+    return cli.main([str(a) for a in argv])
 
 
 @pytest.fixture(scope="module")
