@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
+from dem_jax import storage
 from dem_jax.config import ModelConfig
 from dem_jax.errors import DemError
 from dem_jax.hf.checkpoint import read_json
@@ -29,7 +29,7 @@ PARAMS_DIR = "params"
 
 def save_orbax(
     model: Model, out: str | os.PathLike, dtype: str | None = None, overwrite: bool = False
-) -> Path:
+) -> storage.AnyPath:
     """Write ``model`` as a dem-jax directory, atomically."""
     params, config = model.params, model.config
     if dtype is not None and dtype != config.param_dtype:
@@ -44,15 +44,15 @@ def save_orbax(
     }
     with atomic_directory(out, overwrite) as tmp:
         checkpointer = ocp.StandardCheckpointer()
-        checkpointer.save((tmp / PARAMS_DIR).absolute(), params)
+        checkpointer.save(storage.absolute(tmp / PARAMS_DIR), params)
         checkpointer.wait_until_finished()
         if jax.process_index() == 0:  # every process saved its shards; one writes the rest
             (tmp / DEM_METADATA).write_text(json.dumps(meta, indent=2) + "\n")
             copy_assets(model.assets_dir, tmp)
-    return Path(out)
+    return storage.path(out)
 
 
-def read_format_json(path: Path, format_name: str, version: int) -> dict[str, Any]:
+def read_format_json(path: storage.AnyPath, format_name: str, version: int) -> dict[str, Any]:
     """A dem-jax metadata file (model or vector directory), checked for its format
     name, version and model config."""
     meta = read_json(path)
@@ -67,15 +67,16 @@ def read_format_json(path: Path, format_name: str, version: int) -> dict[str, An
 
 def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
     """The parsed ``dem_jax_model.json`` of a dem-jax directory, validated."""
-    return read_format_json(Path(directory) / DEM_METADATA, FORMAT_NAME, FORMAT_VERSION)
+    return read_format_json(storage.path(directory) / DEM_METADATA, FORMAT_NAME, FORMAT_VERSION)
 
 
 def load_orbax(directory: str | os.PathLike, mesh: Mesh | None = None, dtype: str | None = None):
     """Restore a dem-jax directory onto ``mesh`` (or the default device)."""
-    directory = Path(directory)
+    directory = storage.path(directory)
+    storage.check_complete(directory)
     meta = read_metadata(directory)
     config = ModelConfig.from_dict(meta["model"], where=str(directory / DEM_METADATA))
-    params_dir = (directory / PARAMS_DIR).absolute()
+    params_dir = storage.absolute(directory / PARAMS_DIR)
     if not params_dir.is_dir():
         raise DemError(f"{params_dir}: missing parameter checkpoint")
     _check_stored_shapes(params_dir, param_shapes(config))
@@ -92,7 +93,7 @@ def load_orbax(directory: str | os.PathLike, mesh: Mesh | None = None, dtype: st
     return model
 
 
-def _check_stored_shapes(params_dir: Path, expected: dict[str, Any]) -> None:
+def _check_stored_shapes(params_dir: storage.AnyPath, expected: dict[str, Any]) -> None:
     """Compare the checkpoint's array metadata with the config before restoring, so a
     mismatch is one clear message rather than an error deep inside Orbax."""
     try:

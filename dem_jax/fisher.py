@@ -24,6 +24,10 @@ does by default) so a row is one document; a packed row's documents count as
 one example, and a document longer than a row counts as one example per piece.
 Rows without loss tokens (padding rows from :func:`dem_jax.score.pad_batches`)
 are not counted.
+
+Whole-model use: ``dem-jax merge`` with ``merge_method: fisher`` (a dem-jax
+extension of mergekit's YAML, see :mod:`dem_jax.mergekit_config`) and the
+pipeline's ``fisher`` baseline, both through :mod:`dem_jax.data_merge`.
 """
 
 from __future__ import annotations
@@ -34,10 +38,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from dem_jax.errors import DemError
 from dem_jax.losses import masked_nll_sum
 from dem_jax.model import apply
+from dem_jax.sharding import param_shardings
 
 # Matena & Raffel's released code floors every Fisher at 1e-6 (``fisher_floor``).
 DEFAULT_FISHER_FLOOR = 1e-6
@@ -56,18 +62,21 @@ def _row_loglik(params, config, row):
     return -nll
 
 
-@functools.partial(jax.jit, static_argnums=(1, 3))
 def _fisher_batch(params, config, batch, rows_per_step):
     """(Σ over rows of (∇ log p(row))², number of rows with loss tokens) for one batch.
 
     Per-row gradients are taken ``rows_per_step`` at a time (vmap) inside a
     scan, and squared and summed into a float32 accumulator at once, so memory
     is the parameters plus ``rows_per_step`` gradients whatever the batch size.
+    Step s takes rows s, s + B/r, s + 2B/r, ...: on a mesh the batch is split
+    into contiguous blocks over the data-parallel axes, so the vmapped rows of
+    one step lie on different devices and run in parallel.
     """
     b = batch["tokens"].shape[0]
     chunks = jax.tree.map(
-        lambda x: x.reshape(b // rows_per_step, rows_per_step, *x.shape[1:]), batch
-    )
+        lambda x: jnp.swapaxes(x.reshape(rows_per_step, b // rows_per_step, *x.shape[1:]), 0, 1),
+        batch,
+    )  # (B/r steps, r rows, T)
     grad_row = jax.grad(_row_loglik)
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
 
@@ -81,8 +90,22 @@ def _fisher_batch(params, config, batch, rows_per_step):
     return total, count
 
 
+@functools.lru_cache(maxsize=16)
+def _fisher_fn(config, rows_per_step: int, mesh: Mesh | None):
+    """The jitted batch pass; on a mesh the Fisher sums come out sharded like the params."""
+    fn = functools.partial(_fisher_batch, config=config, rows_per_step=rows_per_step)
+    if mesh is None:
+        return jax.jit(fn)
+    out = (param_shardings(config, mesh), NamedSharding(mesh, PartitionSpec()))
+    return jax.jit(fn, out_shardings=out)
+
+
 def diagonal_fisher(
-    params: Any, config, batches: Iterable[Mapping[str, Any]], rows_per_step: int = 1
+    params: Any,
+    config,
+    batches: Iterable[Mapping[str, Any]],
+    rows_per_step: int | None = None,
+    mesh: Mesh | None = None,
 ) -> Any:
     """Diagonal empirical Fisher of ``params`` on ``batches``, shaped like the params.
 
@@ -90,15 +113,30 @@ def diagonal_fisher(
 
     N = rows with at least one loss token (see the module docstring for what an
     example is). float32 whatever the parameter dtype. ``rows_per_step`` rows'
-    gradients are held at once (must divide the batch size): raise it for
-    speed, keep it small for memory. Raises DemError when no row has a loss token.
+    gradients are held at once (must divide the batch size; default 1, or the
+    mesh's data-parallel size): raise it for speed, keep it small for memory.
+
+    With ``mesh`` (:func:`dem_jax.sharding.make_mesh`) the parameters are placed
+    on :func:`~dem_jax.sharding.param_shardings`, each batch is split over the
+    data-parallel axes (the batch size must divide by data*fsdp) and the Fisher
+    comes back sharded like the parameters; the numbers are those of the
+    single-device pass up to summation order. Raises DemError when no row has a
+    loss token.
     """
+    from dem_jax.score import check_batch_size, data_parallel_size, place_batch, place_params
+
+    if rows_per_step is None:
+        rows_per_step = data_parallel_size(mesh)
+    fn = _fisher_fn(config, rows_per_step, mesh)
+    params = place_params(params, config, mesh)
     total, count = None, 0.0
     for batch in batches:
         b = len(batch["tokens"])
+        if mesh is not None:
+            check_batch_size(b, mesh, "batch size")
         if rows_per_step < 1 or b % rows_per_step:
             raise DemError(f"rows_per_step ({rows_per_step}) must divide the batch size ({b})")
-        part, n = _fisher_batch(params, config, dict(batch), rows_per_step)
+        part, n = fn(params, batch=place_batch(batch, mesh))
         # Sums stay on the device (no sync per batch), so batch b+1 is queued while b runs.
         total = part if total is None else jax.tree.map(jnp.add, total, part)
         count = count + n

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import os
 import zlib
@@ -54,13 +53,19 @@ import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding
 
 from dem_jax import merge_methods as mm
+from dem_jax import storage
 from dem_jax.api import load_model, save_model
 from dem_jax.checkpoint import read_metadata
 from dem_jax.config import ModelConfig
 from dem_jax.errors import DemError
-from dem_jax.hf.checkpoint import DEFAULT_MAX_SHARD_BYTES, read_json
+from dem_jax.hf.checkpoint import (
+    DEFAULT_MAX_SHARD_BYTES,
+    finish_hf_directory,
+    hf_writer,
+    read_json,
+)
 from dem_jax.hf.config import from_hf_config, to_hf_config
-from dem_jax.hf.safetensors_io import SafetensorsCheckpoint, ShardedSafetensorsWriter
+from dem_jax.hf.safetensors_io import SafetensorsCheckpoint
 from dem_jax.hf.weights import TensorMap, check_checkpoint, hf_tensor_specs, tensor_maps
 from dem_jax.mergekit_config import (
     MergeRequest,
@@ -72,7 +77,7 @@ from dem_jax.mergekit_config import (
     resolve,
 )
 from dem_jax.model import param_shapes
-from dem_jax.modeldir import HF_CONFIG, Model, atomic_directory, copy_assets, model_format
+from dem_jax.modeldir import HF_CONFIG, Model, atomic_directory, model_format
 from dem_jax.sharding import param_shardings
 from dem_jax.vectors import (
     PARAMS_DIR,
@@ -475,7 +480,7 @@ def merge_params(
     traced scalars (``{"weight": w[i]}``). Counts of magnitude methods are exact
     mergekit counts only when densities are concrete.
     """
-    m = get_method(method)
+    m = _engine_method(method)
     chain = _chain(parameters)
     n = len(model_params)
     model_parameters = list(model_parameters or [None] * n)
@@ -493,6 +498,17 @@ def merge_params(
             merge_leaf(m, Layout.of(tmap), base, leaves, is_vector, values, key, dtype),
         )
     return out
+
+
+def _engine_method(name: str) -> Method:
+    """A method this leaf-by-leaf engine computes (not one that reads data)."""
+    m = get_method(name)
+    if m.data:
+        raise DemError(
+            f"merge_method {m.name} needs data per model: use dem_jax.data_merge, or a "
+            "MERGE.yaml with a data file per model (dem-jax merge)"
+        )
+    return m
 
 
 def _chain(parameters) -> list[Settings | None]:
@@ -593,7 +609,7 @@ class _OrbaxSource(_Source):
 class _HFSource(_Source):
     """A Hugging Face directory; each read loads one leaf's tensors (all its layers)."""
 
-    def __init__(self, directory: Path, label: str):
+    def __init__(self, directory, label: str):
         self.label, self.assets_dir = label, directory
         self.hf_config = read_json(directory / HF_CONFIG)
         self.ckpt = SafetensorsCheckpoint(directory)
@@ -643,7 +659,7 @@ def open_source(item, label: str, mesh: Mesh | None, streaming: bool) -> _Source
         return _MemorySource(item, label)
     if not isinstance(item, str | os.PathLike):
         raise DemError(f"{label}: expected a model, a vector or a path, got {type(item).__name__}")
-    path = Path(item)
+    path = storage.path(item)
     if is_vector_dir(path):
         return (
             _OrbaxSource(path, label, True)
@@ -676,7 +692,7 @@ class _Merge:
         streaming: bool = False,
         tokenizer_source=None,
     ):
-        self.method = m = get_method(method)
+        self.method = m = _engine_method(method)
         inputs = [x if isinstance(x, MergeInput) else MergeInput(x) for x in models]
         if m.base == "required" and base is None:
             raise DemError(f"merge_method {m.name} needs a base model")
@@ -739,7 +755,7 @@ class _Merge:
         tok = tokenizer_source
         model_srcs = [s for s in [self.base, *self.models] if s is not None and not s.is_vector]
         self.assets_dir = (
-            Path(tok)
+            storage.path(tok)
             if tok is not None
             else next((s.assets_dir for s in model_srcs if s.assets_dir is not None), None)
         )
@@ -833,10 +849,7 @@ def merge_to_directory(
     it is computed, so peak memory is one parameter per input plus one output
     leaf; an Orbax output is collected on the mesh first and saved at the end.
     """
-    if format not in ("orbax", "hf"):
-        raise DemError(f"--format: must be 'hf' or 'orbax', got {format!r}")
-    if Path(out).exists() and not overwrite:
-        raise DemError(f"{out}: output already exists (pass --overwrite to replace it)")
+    check_output(out, format, overwrite)
     run = _Merge(method, base, models, streaming=streaming, **options)
     try:
         if streaming and format == "hf":
@@ -844,6 +857,28 @@ def merge_to_directory(
         model = run.to_model()
     finally:
         run.close()
+    return write_model(
+        model, out, format=format, overwrite=overwrite, max_shard_bytes=max_shard_bytes
+    )
+
+
+def check_output(out: str | os.PathLike, format: str, overwrite: bool) -> None:
+    """``format`` is ``"hf"`` or ``"orbax"`` and ``out`` is free (or may be replaced)."""
+    if format not in ("orbax", "hf"):
+        raise DemError(f"--format: must be 'hf' or 'orbax', got {format!r}")
+    if storage.path(out).exists() and not overwrite:
+        raise DemError(f"{out}: output already exists (pass --overwrite to replace it)")
+
+
+def write_model(
+    model: Model,
+    out: str | os.PathLike,
+    *,
+    format: str = "orbax",
+    overwrite: bool = False,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> Path:
+    """Write a merged model held in memory as ``"orbax"`` or ``"hf"``, complete or absent."""
     kwargs = {"max_shard_bytes": max_shard_bytes} if format == "hf" else {}
     return save_model(model, out, format=format, overwrite=overwrite, **kwargs)
 
@@ -862,7 +897,7 @@ def _write_hf(run: _Merge, out, overwrite: bool, max_shard_bytes: int) -> Path:
     np_dtype = np.dtype(jnp.dtype(config.param_dtype))
     with atomic_directory(out, overwrite) as tmp:
         specs = hf_tensor_specs(config, np_dtype)
-        with ShardedSafetensorsWriter(tmp, specs, max_shard_bytes) as writer:
+        with hf_writer(tmp, specs, max_shard_bytes) as writer:
             for tmap, leaf in run.leaves():
                 host = _host(leaf)
                 del leaf
@@ -872,10 +907,8 @@ def _write_hf(run: _Merge, out, overwrite: bool, max_shard_bytes: int) -> Path:
                     rows = math.prod(one.shape[: tmap.split])
                     mat = one.reshape(rows, -1) if tmap.split < one.ndim else one.reshape(rows)
                     writer.write(name, np.ascontiguousarray(mat.T if tmap.transpose else mat))
-        hf = to_hf_config(config, run.hf_config)
-        (tmp / HF_CONFIG).write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
-        copy_assets(run.assets_dir, tmp)
-    return Path(out)
+        finish_hf_directory(tmp, to_hf_config(config, run.hf_config), run.assets_dir)
+    return storage.path(out)
 
 
 # ------------------------------------------------------------------ MERGE.yaml
@@ -892,9 +925,13 @@ def merge_from_config(
     seed: int | None = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
 ) -> Path:
-    """Run a mergekit MERGE.yaml (see :mod:`dem_jax.mergekit_config`) into ``out``."""
+    """Run a mergekit MERGE.yaml (see :mod:`dem_jax.mergekit_config`) into ``out``.
+
+    Methods that read data (fisher, regmean) run in memory through
+    :func:`dem_jax.data_merge.merge_with_data` (``streaming`` and ``seed`` do not apply).
+    """
     req = config if isinstance(config, MergeRequest) else load_merge_config(config)
-    if Path(out).exists() and not overwrite:
+    if storage.path(out).exists() and not overwrite:
         raise DemError(f"{out}: output already exists (pass --overwrite to replace it)")
     if seed is not None and seed < 0:
         raise DemError(f"--seed: expected a non-negative integer, got {seed}")
@@ -903,6 +940,17 @@ def merge_from_config(
     ]
     try:
         check_layer_ranges(req)
+        if get_method(req.method).data:
+            from dem_jax.data_merge import merge_with_data
+
+            return merge_with_data(
+                req,
+                out,
+                format=format,
+                overwrite=overwrite,
+                mesh=mesh,
+                max_shard_bytes=max_shard_bytes,
+            )
         return merge_to_directory(
             out,
             req.method,

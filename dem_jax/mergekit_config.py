@@ -31,6 +31,31 @@ not take are errors (mergekit ignores them), ``density``/``gamma``/``t`` must li
 
 Computation differs in one documented way: we always compute in float32 (mergekit
 computes in ``dtype``, e.g. bfloat16 arithmetic for ``dtype: bfloat16``).
+
+**Data-aware methods (dem-jax extensions; mergekit has neither).** ``fisher``
+(Fisher-weighted averaging, :mod:`dem_jax.fisher`) and ``regmean``
+(:mod:`dem_jax.regmean`) merge the listed models using statistics of each model on
+its own distribution's data, so they extend the YAML:
+
+* per model, ``data: FILE.jsonl`` (required; relative to the YAML's folder; records
+  ``{"text"}`` or ``{"prompt", "completion"}``), next to ``model`` and ``parameters``
+  (also in a slice source);
+* top-level batching keys (:class:`DataOptions`): ``seq_len`` (512), ``batch_size``
+  (8; on a mesh a multiple of data*fsdp), ``max_examples`` (records per file, 0 =
+  all), ``prompt_template`` ("{prompt}"), ``add_bos``/``add_eos`` (true);
+* parameters, each a single number (no gradients or filters): ``fisher`` takes a
+  per-model ``weight`` (≥ 0, default 1; the paper's λ_i) and a global
+  ``fisher_floor`` (> 0, default 1e-6: every Fisher is floored at it, as in the
+  authors' code); ``regmean`` takes global ``alpha`` (in [0, 1], default 0.9, the
+  paper's off-diagonal scale) and ``ridge`` (≥ 0, default 1e-6, relative to the Gram
+  diagonal).
+
+``base_model`` is optional and not merged; the tokenizer for the data (and the
+output's tokenizer files) comes from ``tokenizer_source``, else ``base_model``, else
+the first model. ``data`` or a batching key on any other method is an error, as is
+a data-aware method without ``data`` for every model. Inputs must be model
+directories (not vectors); they are loaded whole (no streaming). See
+:mod:`dem_jax.data_merge`.
 """
 
 from __future__ import annotations
@@ -45,6 +70,8 @@ from typing import Any
 from dem_jax.errors import DemError
 
 REQUIRED = object()  # marks a parameter without a default
+# dem_jax.fisher.DEFAULT_FISHER_FLOOR (not imported: parsing a YAML file needs no JAX)
+DEFAULT_FISHER_FLOOR = 1e-6
 
 
 # ------------------------------------------------------------------ methods and parameters
@@ -77,9 +104,8 @@ class ParamSpec:
         if (self.low is not None and value < self.low) or (
             self.high is not None and value > self.high
         ):
-            raise DemError(
-                f"{where}: {self.name} must be in [{self.low}, {self.high}], got {value!r}"
-            )
+            bounds = f"in [{self.low}, {self.high}]" if self.high is not None else f">= {self.low}"
+            raise DemError(f"{where}: {self.name} must be {bounds}, got {value!r}")
         return value
 
 
@@ -97,6 +123,7 @@ class Method:
     max_models: int | None = None
     random: bool = False  # draws from the seed
     in_mergekit: bool = True  # False for dem-jax additions
+    data: bool = False  # needs a data file per model (statistics of the model on its data)
 
     def spec(self, name: str) -> ParamSpec | None:
         """The parameter called ``name``, or None."""
@@ -174,8 +201,34 @@ METHODS: dict[str, Method] = {
             random=True,
             in_mergekit=False,
         ),
+        # Data-aware merges (dem_jax.fisher, dem_jax.regmean): see "Data-aware methods" above.
+        Method(
+            "fisher",
+            "fisher",
+            (
+                ParamSpec("weight", float, True, 1.0, 0.0),
+                ParamSpec("fisher_floor", float, False, DEFAULT_FISHER_FLOOR, 0.0),
+            ),
+            base="ignored",
+            min_models=2,
+            in_mergekit=False,
+            data=True,
+        ),
+        Method(
+            "regmean",
+            "regmean",
+            (
+                ParamSpec("alpha", float, False, 0.9, 0.0, 1.0),
+                ParamSpec("ridge", float, False, 1e-6, 0.0),
+            ),
+            base="ignored",
+            min_models=2,
+            in_mergekit=False,
+            data=True,
+        ),
     )
 }
+DATA_METHODS = tuple(name for name, m in METHODS.items() if m.data)
 
 
 def get_method(name: Any, where: str = "merge_method") -> Method:
@@ -314,8 +367,46 @@ class MergeRequest:
     # Per model: (start, end) from a slice source, None for `models:`; checked against
     # the model's depth once its config is read.
     layer_ranges: list[tuple[int, int] | None] = field(default_factory=list)
+    # Data-aware methods only: one JSONL file per model, and how to batch them.
+    model_data: list[Path | None] = field(default_factory=list)
+    data_options: DataOptions | None = None
 
 
+@dataclass(frozen=True)
+class DataOptions:
+    """How a data-aware method (fisher, regmean) tokenises and batches each model's data
+    (top-level MERGE.yaml keys; the same defaults as ``dem-jax score``)."""
+
+    seq_len: int = 512  # tokens per row; one row per document, longer ones split
+    batch_size: int = 8  # rows per pass; on a mesh a multiple of data*fsdp
+    max_examples: int = 0  # records read from each data file; 0 = all
+    prompt_template: str = "{prompt}"  # applied to the prompt of prompt/completion records
+    add_bos: bool = True  # prepend the tokenizer's BOS token
+    add_eos: bool = True  # append (and count) its EOS token
+
+    @classmethod
+    def from_yaml(cls, data: Mapping[str, Any], where: str) -> DataOptions:
+        """The options set at the top level of ``data`` (a MERGE.yaml mapping), checked."""
+        lows = {"seq_len": 2, "batch_size": 1, "max_examples": 0}
+        values: dict[str, Any] = {}
+        for name, low in lows.items():
+            v = data.get(name, getattr(cls, name))
+            if type(v) is not int or v < low:
+                raise DemError(f"{where}: {name}: expected an integer >= {low}, got {v!r}")
+            values[name] = v
+        template = data.get("prompt_template", cls.prompt_template)
+        if not isinstance(template, str) or "{prompt}" not in template:
+            raise DemError(f"{where}: prompt_template: expected a string with {{prompt}}")
+        for name in ("add_bos", "add_eos"):
+            v = data.get(name, True)
+            if not isinstance(v, bool):
+                raise DemError(f"{where}: {name}: expected true or false, got {v!r}")
+            values[name] = v
+        return cls(prompt_template=template, **values)
+
+
+# dem-jax keys for data-aware methods (fisher, regmean): see DataOptions.
+DATA_KEYS = ("seq_len", "batch_size", "max_examples", "prompt_template", "add_bos", "add_eos")
 _TOP_KEYS = {
     "merge_method",
     "base_model",
@@ -326,6 +417,7 @@ _TOP_KEYS = {
     "out_dtype",
     "tokenizer_source",
     "random_seed",
+    *DATA_KEYS,
 }
 _REJECTED_KEYS = {
     "modules": "modules (per-module merges)",
@@ -390,7 +482,7 @@ def _inputs_from_slices(slices: Any, where: str) -> tuple[list[dict[str, Any]], 
         ws = f"{w}.sources[{i}]"
         if not isinstance(src, Mapping):
             raise DemError(f"{ws}: expected a mapping")
-        unknown = sorted(set(src) - {"model", "layer_range", "parameters"})
+        unknown = sorted(set(src) - {"model", "layer_range", "parameters", "data"})
         if unknown:
             raise DemError(f"{ws}: unknown key {unknown[0]!r}")
         lr = src.get("layer_range")
@@ -400,6 +492,7 @@ def _inputs_from_slices(slices: Any, where: str) -> tuple[list[dict[str, Any]], 
             {
                 "model": src.get("model"),
                 "parameters": src.get("parameters"),
+                "data": src.get("data"),
                 "layer_range": tuple(lr),
                 "where": ws,
             }
@@ -424,6 +517,13 @@ def parse_merge_config(data: Any, path: str | os.PathLike) -> MergeRequest:
         if key not in _TOP_KEYS:
             raise DemError(f"{where}: unknown key {key!r} (known: {', '.join(sorted(_TOP_KEYS))})")
     method = get_method(data.get("merge_method"), f"{where}: merge_method")
+    if not method.data:
+        for key in DATA_KEYS:
+            if key in data:
+                raise DemError(
+                    f"{where}: {key}: merge_method {method.name} reads no data "
+                    f"(only {', '.join(DATA_METHODS)} do)"
+                )
 
     if ("models" in data) == ("slices" in data):
         raise DemError(f"{where}: give exactly one of 'models' or 'slices'")
@@ -438,13 +538,14 @@ def parse_merge_config(data: Any, path: str | os.PathLike) -> MergeRequest:
             wm = f"{where}: models[{i}]"
             if not isinstance(m, Mapping):
                 raise DemError(f"{wm}: expected a mapping with 'model' (and 'parameters')")
-            unknown = sorted(set(m) - {"model", "parameters"})
+            unknown = sorted(set(m) - {"model", "parameters", "data"})
             if unknown:
                 raise DemError(f"{wm}: unknown key {unknown[0]!r}")
             entries.append(
                 {
                     "model": m.get("model"),
                     "parameters": m.get("parameters"),
+                    "data": m.get("data"),
                     "layer_range": None,
                     "where": wm,
                 }
@@ -457,6 +558,7 @@ def parse_merge_config(data: Any, path: str | os.PathLike) -> MergeRequest:
     paths: list[Path] = []
     params: list[dict[str, Any]] = []
     layer_ranges: list[Any] = []
+    model_data: list[Path | None] = []
     for e in entries:
         p = _model_path(e["model"], folder, f"{e['where']}.model")
         if p.resolve() in {q.resolve() for q in paths}:
@@ -465,15 +567,22 @@ def parse_merge_config(data: Any, path: str | os.PathLike) -> MergeRequest:
         is_base = base is not None and p.resolve() == base.resolve()
         if not (is_base and method.base == "required"):  # a base's own settings are unused
             check_parameters(method, settings, f"{e['where']}.parameters", per_model=True)
+        if method.data:
+            check_scalar_settings(method, settings, f"{e['where']}.parameters")
         paths.append(p)
         params.append(settings)
         layer_ranges.append(e["layer_range"])
+        model_data.append(_data_path(method, e.get("data"), folder, f"{e['where']}.data"))
 
     global_params = _mapping(data.get("parameters"), f"{where}: parameters")
     chain = [slice_params, global_params] if slice_params else [global_params]
     if slice_params:
         check_parameters(method, slice_params, f"{where}: slices[0].parameters", False)
     check_parameters(method, global_params, f"{where}: parameters", per_model=False)
+    if method.data:
+        check_scalar_settings(method, global_params, f"{where}: parameters")
+        if slice_params:
+            check_scalar_settings(method, slice_params, f"{where}: slices[0].parameters")
 
     if base is not None and method.base == "required":
         # A listed base is the base, not an input (its per-model parameters are unused).
@@ -515,8 +624,45 @@ def parse_merge_config(data: Any, path: str | os.PathLike) -> MergeRequest:
         seed=seed,
         source=path,
         layer_ranges=layer_ranges,
+        model_data=model_data,
+        data_options=DataOptions.from_yaml(data, where) if method.data else None,
     )
     return request
+
+
+def _data_path(method: Method, value: Any, folder: Path, where: str) -> Path | None:
+    """A model's data file (relative to the YAML's folder): required by data-aware
+    methods, an error on the others."""
+    if not method.data:
+        if value is not None:
+            raise DemError(
+                f"{where}: merge_method {method.name} reads no data "
+                f"(only {', '.join(DATA_METHODS)} do)"
+            )
+        return None
+    if value is None:
+        raise DemError(
+            f"{where}: merge_method {method.name} needs a data file per model "
+            "(JSONL of the distribution the model was fine-tuned on)"
+        )
+    if not isinstance(value, str) or not value:
+        raise DemError(f"{where}: expected a JSONL file path, got {value!r}")
+    path = Path(os.path.expanduser(value))
+    path = path if path.is_absolute() else folder / path
+    if not path.is_file():
+        raise DemError(f"{where}: data file {value!r} does not exist ({path})")
+    return path
+
+
+def check_scalar_settings(method: Method, settings: Mapping[str, Any] | None, where: str) -> None:
+    """Data-aware methods take one number per model or per merge: no gradients or filters
+    (their statistics merge every tensor at once)."""
+    for name, setting in (settings or {}).items():
+        if not _is_scalar(setting):
+            raise DemError(
+                f"{where}.{name}: merge_method {method.name} takes a single number "
+                "(no gradients or filters)"
+            )
 
 
 def _num_layers(path: Path) -> int:

@@ -20,9 +20,9 @@ import shutil
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
+from dem_jax import storage
 from dem_jax.config import ModelConfig
 from dem_jax.errors import DemError
 
@@ -49,17 +49,18 @@ class Model:
     config: ModelConfig
     params: dict[str, Any]  # nested dict of jax.Arrays, laid out as dem_jax.model builds it
     hf_config: dict[str, Any] | None = None  # the config.json the weights came from
-    assets_dir: Path | None = None  # directory holding tokenizer/generation files
+    assets_dir: Any = None  # local Path or URL path; directory holding tokenizer/generation files
     metadata: dict[str, Any] = field(default_factory=dict)  # free-form provenance
 
 
 def model_format(path: str | os.PathLike) -> str:
     """``"hf"`` or ``"orbax"`` for a model directory; DemError if it is neither."""
-    p = Path(path)
+    p = storage.path(path)
     if not p.exists():
         raise DemError(f"{p}: model path does not exist")
     if not p.is_dir():
         raise DemError(f"{p}: model path is not a directory")
+    storage.check_complete(p)
     if (p / DEM_METADATA).is_file():
         return "orbax"
     if (p / HF_CONFIG).is_file():
@@ -70,13 +71,13 @@ def model_format(path: str | os.PathLike) -> str:
     )
 
 
-def asset_files(directory: str | os.PathLike | None) -> list[Path]:
+def asset_files(directory: str | os.PathLike | None) -> list[Any]:
     """Tokenizer and generation-config files in a directory."""
     if directory is None:
         return []
     return sorted(
         f
-        for f in Path(directory).iterdir()
+        for f in storage.path(directory).iterdir()
         if f.is_file() and (f.name in _ASSET_NAMES or f.name.startswith("tokenizer"))
     )
 
@@ -85,28 +86,32 @@ def copy_assets(src: str | os.PathLike | None, dst: str | os.PathLike) -> list[s
     """Copy tokenizer/generation files from ``src`` into ``dst``; returns the names."""
     names = []
     for f in asset_files(src):
-        shutil.copy2(f, Path(dst) / f.name)
+        storage.copy_file(f, storage.path(dst) / f.name)
         names.append(f.name)
     return names
 
 
 @contextlib.contextmanager
-def atomic_directory(dst: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling of ``dst`` to fill; rename it to ``dst`` on success.
+def atomic_directory(dst: str | os.PathLike, overwrite: bool = False) -> Iterator[Any]:
+    """Yield a temporary sibling of ``dst`` to fill; move it to ``dst`` on success.
 
     On any error the temporary directory is removed and ``dst`` is untouched,
     so readers see either the complete output or nothing new. With
     ``overwrite`` an existing ``dst`` is replaced only after the new one is
     complete. With several JAX processes every process must enter (Orbax
     saves are collective); the temporary name is shared and process 0 alone
-    creates and renames it.
+    creates and moves it.
+
+    Local directories are renamed (atomic). Object stores (``gs://``) have no
+    rename: the move copies object by object with an incomplete marker in
+    ``dst`` that :func:`dem_jax.storage.check_complete` refuses, removed last.
     """
     import jax
 
-    dst = Path(dst)
+    dst = storage.path(dst)
     if dst.exists() and not overwrite:
         raise DemError(f"{dst}: output already exists (pass --overwrite to replace it)")
-    if not dst.parent.exists():
+    if not storage.parent_exists(dst):
         raise DemError(f"{dst.parent}: output's parent directory does not exist")
     multi = jax.process_count() > 1
     main = jax.process_index() == 0
@@ -115,25 +120,40 @@ def atomic_directory(dst: str | os.PathLike, overwrite: bool = False) -> Iterato
     if main:
         # Leftovers of a killed earlier write of the same output are never used.
         for stale in dst.parent.glob(f".{dst.name}.tmp-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp.mkdir()
+            storage.rmtree(stale)
+        storage.makedirs(tmp)
     _barrier(multi, f"atomic_directory:create:{dst}")
     try:
         yield tmp
         _barrier(multi, f"atomic_directory:filled:{dst}")
         if main:
-            if dst.exists():
-                old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
-                dst.rename(old)
-                tmp.rename(dst)
-                shutil.rmtree(old)
-            else:
-                tmp.rename(dst)
+            _move_into_place(tmp, dst)
         _barrier(multi, f"atomic_directory:renamed:{dst}")
     except BaseException:
         if main:
-            shutil.rmtree(tmp, ignore_errors=True)
+            storage.rmtree(tmp)
         raise
+
+
+def _move_into_place(tmp: Any, dst: Any) -> None:
+    if not storage.is_url(dst):
+        if dst.exists():
+            old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
+            dst.rename(old)
+            tmp.rename(dst)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(dst)
+        return
+    marker = dst / storage.INCOMPLETE_MARKER
+    marker.write_text("moving into place\n")
+    for f in dst.iterdir():  # --overwrite: the old content goes once the new is complete
+        if f.name != storage.INCOMPLETE_MARKER:
+            f.rmtree() if f.is_dir() else f.unlink()
+    for f in tmp.iterdir():
+        storage.replace(f, dst / f.name)
+    marker.unlink()
+    storage.rmtree(tmp)
 
 
 def _barrier(multi: bool, name: str) -> None:

@@ -31,7 +31,12 @@ tokens included: every position is an input the layer processes), in float32;
 :func:`regmean_merge` divides each by its token count by default (the mean
 Gram, as RegMean's code does), so each distribution counts equally whatever
 the size of its data. Memory: per distribution, (3 L D² + L (H·Dh)² + L F²)
-floats — for a 7B Llama about 22 GB, dominated by the F×F ``mlp_hidden``.
+floats — for a 7B Llama about 22 GB, dominated by the F×F ``mlp_hidden``; on a
+mesh each Gram is sharded by its input dimension (:data:`GRAM_AXES`).
+
+Whole-model use: ``dem-jax merge`` with ``merge_method: regmean`` (a dem-jax
+extension of mergekit's YAML, see :mod:`dem_jax.mergekit_config`) and the
+pipeline's ``regmean`` baseline, both through :mod:`dem_jax.data_merge`.
 """
 
 from __future__ import annotations
@@ -43,10 +48,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding
 
 from dem_jax import model as model_lib
 from dem_jax.errors import DemError
 from dem_jax.rope import rope_tables
+from dem_jax.sharding import tree_shardings
 
 _HI = jax.lax.Precision.HIGHEST  # no TF32/bf16 passes for Gram sums and solves
 
@@ -81,7 +88,6 @@ class _Tap:
         return self.dense(x)
 
 
-@functools.partial(jax.jit, static_argnums=1)
 def _gram_batch(params, config, batch) -> dict[str, jax.Array]:
     """Gram sums of every linear layer's input on one (B, T) batch, and its token count.
 
@@ -120,7 +126,42 @@ def _gram_batch(params, config, batch) -> dict[str, jax.Array]:
     return grams
 
 
-def gram_matrices(params: Any, config, batches: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+# Logical axes of each Gram (Din × Din per layer), so on a mesh a Gram is sharded like
+# the kernels that read its input: rows over the mesh axis of the input dimension.
+GRAM_AXES: dict[str, tuple[str, ...]] = {
+    "attn_in": ("layers", "embed", "embed"),
+    "attn_out": ("layers", "heads", "heads"),
+    "mlp_in": ("layers", "embed", "embed"),
+    "mlp_hidden": ("layers", "mlp", "mlp"),
+    "final": ("embed", "embed"),
+    "tokens": (),
+}
+
+
+def gram_shardings(config, mesh: Mesh) -> dict[str, NamedSharding]:
+    """Where each Gram of :func:`gram_matrices` lives on ``mesh`` (see :data:`GRAM_AXES`)."""
+    c = config
+    d, hd, f, n = c.hidden_size, c.num_heads * c.head_dim, c.intermediate_size, c.num_layers
+    shapes = {"attn_in": (n, d, d), "attn_out": (n, hd, hd), "mlp_in": (n, d, d)}
+    shapes.update(mlp_hidden=(n, f, f), tokens=())
+    if not c.tie_embeddings:
+        shapes["final"] = (d, d)
+    structs = {k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in shapes.items()}
+    return tree_shardings({k: GRAM_AXES[k] for k in structs}, structs, mesh)
+
+
+@functools.lru_cache(maxsize=16)
+def _gram_fn(config, mesh: Mesh | None):
+    """The jitted batch pass; on a mesh its Grams come out as :func:`gram_shardings` says."""
+    fn = functools.partial(_gram_batch, config=config)
+    if mesh is None:
+        return jax.jit(fn)
+    return jax.jit(fn, out_shardings=gram_shardings(config, mesh))
+
+
+def gram_matrices(
+    params: Any, config, batches: Iterable[Mapping[str, Any]], mesh: Mesh | None = None
+) -> dict[str, Any]:
     """Input Gram matrices of every linear layer of one model over ``batches``.
 
     Returns ``{"attn_in": (L, D, D), "attn_out": (L, H·Dh, H·Dh), "mlp_in": (L, D, D),
@@ -129,10 +170,22 @@ def gram_matrices(params: Any, config, batches: Iterable[Mapping[str, Any]]) -> 
     the number of those tokens. Pass one such dict per fine-tuned model (each
     computed on its own distribution's data, with its own parameters) to
     :func:`regmean_merge`.
+
+    With ``mesh`` the parameters are placed on
+    :func:`~dem_jax.sharding.param_shardings`, each batch is split over the
+    data-parallel axes (the batch size must divide by data*fsdp) and the Grams
+    come back sharded (:func:`gram_shardings`); the numbers are those of the
+    single-device pass up to summation order.
     """
+    from dem_jax.score import check_batch_size, place_batch, place_params
+
+    fn = _gram_fn(config, mesh)
+    params = place_params(params, config, mesh)
     total = None
     for batch in batches:
-        part = _gram_batch(params, config, dict(batch))
+        if mesh is not None:
+            check_batch_size(len(batch["tokens"]), mesh, "batch size")
+        part = fn(params, batch=place_batch(batch, mesh))
         total = part if total is None else jax.tree.map(jnp.add, total, part)
     if total is None or float(total["tokens"]) == 0:
         raise DemError("gram_matrices: no tokens in the batches")

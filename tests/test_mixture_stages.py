@@ -50,10 +50,15 @@ def test_mixture_command_writes_proportions_of_the_written_similarity(run_dir, s
     sim = json.loads((mix / "similarity.json").read_text())
     assert (mix / "heatmap.png").stat().st_size > 1000
     assert printed == proportions and list(proportions) == list(NAMES)
+    # Both measures are written; `similarity` names the one the proportions use.
     assert sim["names"] == list(NAMES) and sim["similarity"] == similarity
+    assert set(sim) == {"names", "similarity", "pmi", "jsd"}
+    for measure, diagonal in (("pmi", 0.0), ("jsd", 1.0)):
+        M = np.array(sim[measure])
+        assert M.shape == (2, 2) and np.allclose(M, M.T), measure
+        assert np.allclose(np.diag(M), diagonal), measure
+    assert np.array(sim["pmi"])[0, 1] < 0 and 0 < np.array(sim["jsd"])[0, 1] < 1
     S = np.array(sim[similarity])
-    assert S.shape == (2, 2) and np.allclose(S, S.T)
-    assert np.allclose(np.diag(S), 0.0 if similarity == "pmi" else 1.0)
     p = np.array([proportions[n] for n in NAMES])
     assert np.all(p >= 0) and p.sum() == pytest.approx(1.0)
     np.testing.assert_allclose(p, taskpgm_proportions(S), rtol=0, atol=1e-12)

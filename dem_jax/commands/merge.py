@@ -1,6 +1,8 @@
 """``dem-jax merge MERGE.yaml --out DIR``: run a mergekit-format merge config.
 
-See :mod:`dem_jax.mergekit_config` for what of mergekit's YAML is supported.
+See :mod:`dem_jax.mergekit_config` for what of mergekit's YAML is supported, and for
+the dem-jax extensions: ``merge_method: fisher`` / ``regmean`` with a ``data`` file per
+model (statistics computed with sharded passes on ``--mesh``).
 """
 
 from __future__ import annotations
@@ -33,17 +35,23 @@ def cmd_merge(args: argparse.Namespace) -> int:
 def register(subparsers) -> argparse.ArgumentParser:
     """Add ``merge`` to the ``dem-jax`` subcommands."""
     p = subparsers.add_parser("merge", help="merge models as a mergekit MERGE.yaml says")
-    p.add_argument("config", help="mergekit-format YAML (model paths relative to its folder)")
+    p.add_argument(
+        "config", help="mergekit-format YAML (model and data paths relative to its folder)"
+    )
     p.add_argument("--out", required=True, help="output directory (must not exist)")
     p.add_argument("--format", choices=["hf", "orbax"], default="hf", help="output format")
     p.add_argument(
         "--overwrite", action="store_true", help="replace --out once the new one is complete"
     )
-    p.add_argument("--mesh", help="merge on a device mesh, e.g. fsdp=2,tensor=4")
+    p.add_argument(
+        "--mesh",
+        help="merge (and compute fisher/regmean statistics) on a device mesh, e.g. fsdp=2,tensor=4",
+    )
     p.add_argument(
         "--in-memory",
         action="store_true",
-        help="load every input first (default: stream one parameter at a time)",
+        help="load every input first (default: stream one parameter at a time; "
+        "fisher and regmean always load their inputs)",
     )
     p.add_argument("--seed", type=int, help="random seed (overrides random_seed in the YAML)")
     p.add_argument(

@@ -12,9 +12,10 @@ def register(sub) -> None:
         "mixture",
         help="TaskPGM mixture proportions from the fine-tuned models' similarity",
         description="Load the fine-tuned model of every distribution (output_dir/models/NAME), "
-        "compute their similarity on the validation sets (pipeline.taskpgm.similarity: pmi or "
-        "jsd) and the TaskPGM proportions. Writes proportions.json, similarity.json and "
-        "heatmap.png under output_dir/mixture/; train with them with data.mixture=taskpgm.",
+        "compute their PMI and JSD similarity on the validation sets and the TaskPGM "
+        "proportions from the one pipeline.taskpgm.similarity names. Writes proportions.json, "
+        "similarity.json (both matrices) and heatmap.png under output_dir/mixture/; train "
+        "with them with data.mixture=taskpgm.",
     )
     p.add_argument("config", help="run config YAML")
     p.add_argument(

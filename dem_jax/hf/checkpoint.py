@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from dem_jax import storage
 from dem_jax.errors import DemError
 from dem_jax.hf.config import from_hf_config, to_hf_config
 from dem_jax.hf.safetensors_io import SafetensorsCheckpoint, ShardedSafetensorsWriter
@@ -21,7 +22,7 @@ from dem_jax.sharding import param_shardings
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30  # what transformers' save_pretrained used for years
 
 
-def read_json(path: Path) -> dict[str, Any]:
+def read_json(path: storage.AnyPath) -> dict[str, Any]:
     """A JSON object from a file, or a DemError naming the file."""
     try:
         data = json.loads(path.read_text())
@@ -39,7 +40,8 @@ def load_hf(directory: str | os.PathLike, mesh: Mesh | None = None, dtype: str |
 
     Parameters keep the checkpoint's dtype unless ``dtype`` is given.
     """
-    directory = Path(directory)
+    directory = storage.path(directory)
+    storage.check_complete(directory)
     hf_config = read_json(directory / HF_CONFIG)
     where = str(directory / HF_CONFIG)
     with SafetensorsCheckpoint(directory) as ckpt:
@@ -55,7 +57,7 @@ def load_hf(directory: str | os.PathLike, mesh: Mesh | None = None, dtype: str |
     return Model(config, params, hf_config=hf_config, assets_dir=directory)
 
 
-def _check_tokenizer(directory: Path, config) -> None:
+def _check_tokenizer(directory: storage.AnyPath, config) -> None:
     """A tokenizer with more tokens than the embedding has rows would index out of range."""
     tok_file = directory / "tokenizer.json"
     if not tok_file.is_file():
@@ -63,7 +65,8 @@ def _check_tokenizer(directory: Path, config) -> None:
     from tokenizers import Tokenizer
 
     try:
-        size = Tokenizer.from_file(str(tok_file)).get_vocab_size(with_added_tokens=True)
+        tokenizer = Tokenizer.from_file(str(storage.local_copy(tok_file)))
+        size = tokenizer.get_vocab_size(with_added_tokens=True)
     except Exception as e:  # the tokenizers library raises its own exception types
         raise DemError(f"{tok_file}: cannot be read ({e})") from None
     if size > config.vocab_size:
@@ -79,7 +82,7 @@ def save_hf(
     dtype: str | None = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     overwrite: bool = False,
-) -> Path:
+) -> storage.AnyPath:
     """Write ``model`` as a Hugging Face directory (sharded safetensors, config.json,
     generation config and tokenizer files), atomically."""
     config = model.config
@@ -89,9 +92,38 @@ def save_hf(
     hf_config = to_hf_config(config, model.hf_config)
     specs = hf_tensor_specs(config, np_dtype)
     with atomic_directory(out, overwrite) as tmp:
-        with ShardedSafetensorsWriter(tmp, specs, max_shard_bytes) as writer:
+        with hf_writer(tmp, specs, max_shard_bytes) as writer:
             for name, array in iter_hf_tensors(model.params, config, np_dtype):
                 writer.write(name, array)
-        (tmp / HF_CONFIG).write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
-        copy_assets(model.assets_dir, tmp)
-    return Path(out)
+        finish_hf_directory(tmp, hf_config, model.assets_dir)
+    return storage.path(out)
+
+
+class _Discard:
+    """The writer of processes other than 0: they gather every tensor with process 0
+    (a collective) but write nothing, so each file has exactly one writer."""
+
+    def write(self, name: str, array: Any) -> None:
+        del name, array
+
+    def __enter__(self) -> _Discard:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+def hf_writer(directory, specs, max_shard_bytes: int):
+    """A :class:`ShardedSafetensorsWriter` on process 0, a no-op writer elsewhere."""
+    if jax.process_index() == 0:
+        return ShardedSafetensorsWriter(directory, specs, max_shard_bytes)
+    return _Discard()
+
+
+def finish_hf_directory(directory, hf_config: dict[str, Any], assets_dir) -> None:
+    """Write config.json and copy the tokenizer/generation files (process 0 only)."""
+    if jax.process_index() != 0:
+        return
+    text = json.dumps(hf_config, indent=2, sort_keys=True) + "\n"
+    (storage.path(directory) / HF_CONFIG).write_text(text)
+    copy_assets(assets_dir, directory)

@@ -29,6 +29,7 @@ from typing import Any, BinaryIO
 import ml_dtypes
 import numpy as np
 
+from dem_jax import storage
 from dem_jax.errors import DemError
 
 # Every dtype is pinned to little-endian, as the format requires, so a memmap
@@ -126,7 +127,7 @@ class SafetensorsFile:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         """Open ``path`` and validate its header; raises :class:`DemError` if malformed."""
-        self.path = Path(path)
+        self.path = storage.path(path)
         self.metadata: dict[str, str] = {}
         self._tensors: dict[str, _TensorInfo] = {}
         self._mm: np.memmap | None = None
@@ -135,7 +136,7 @@ class SafetensorsFile:
     def _parse_header(self) -> None:
         path = self.path
         try:
-            size = path.stat().st_size
+            size = storage.file_size(path)
             with path.open("rb") as fh:
                 prefix = fh.read(8)
                 if len(prefix) < 8:
@@ -278,6 +279,8 @@ class SafetensorsFile:
         if info.end == info.begin:
             # Nothing to read; also avoids mapping the file for empty tensors.
             full = np.zeros(info.shape, dtype=info.dtype)
+        elif storage.is_url(self.path):
+            return self._read_remote(info, index)
         else:
             mm = self._memmap()
             start = self._data_start + info.begin
@@ -286,6 +289,20 @@ class SafetensorsFile:
         # np.array(copy=True) gives a plain ndarray that owns its data: callers may
         # keep or mutate it without pinning or aliasing the mapping.
         return np.array(block, copy=True, order="C")
+
+    def _read_remote(self, info: _TensorInfo, index: tuple[slice, ...] | None) -> np.ndarray:
+        """Object stores have no memory map: fetch only the rows the block covers."""
+        n0 = info.shape[0] if info.shape else 1
+        row_bytes = (info.end - info.begin) // n0
+        rows = range(n0)
+        if index and info.shape:
+            rows = range(*index[0].indices(n0))
+            index = (slice(None), *index[1:])
+        start = self._data_start + info.begin + rows.start * row_bytes
+        data = storage.read_range(self.path, start, start + len(rows) * row_bytes)
+        shape = (len(rows), *info.shape[1:]) if info.shape else ()
+        block = np.frombuffer(data, dtype=info.dtype).reshape(shape)
+        return np.array(block if index is None else block[index], copy=True, order="C")
 
     def _check_index(self, name: str, index: Any, shape: tuple[int, ...]) -> tuple[slice, ...]:
         where = f"{self.path}: tensor {name!r}"
@@ -345,7 +362,7 @@ class SafetensorsCheckpoint:
 
     def __init__(self, directory: str | os.PathLike[str]) -> None:
         """Locate and open the weight files in ``directory``; raises :class:`DemError` if none."""
-        self.directory = Path(directory)
+        self.directory = storage.path(directory)
         if not self.directory.is_dir():
             raise DemError(f"{self.directory}: not a directory")
         self._files: dict[Path, SafetensorsFile] = {}
@@ -575,7 +592,7 @@ class ShardedSafetensorsWriter:
         :meth:`close` only once every tensor has arrived, so an interrupted
         export never leaves files that look complete.
         """
-        self.directory = Path(directory)
+        self.directory = storage.path(directory)
         self._specs = list(specs)
         seen: set[str] = set()
         for spec in self._specs:
@@ -598,7 +615,7 @@ class ShardedSafetensorsWriter:
             self._names = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
         self._shard_of = [i for i, shard in enumerate(self._shards) for _ in shard]
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
+            storage.makedirs(self.directory)
         except OSError as exc:
             raise DemError(f"{self.directory}: cannot create output directory: {exc}") from None
         self._pos = 0  # index into self._specs of the next tensor expected
@@ -611,7 +628,10 @@ class ShardedSafetensorsWriter:
         """File names (relative to the directory) of the shards, in order."""
         return list(self._names)
 
-    def _partial(self, i: int) -> Path:
+    def _partial(self, i: int) -> Any:
+        # An object-store upload becomes visible only when complete: no .partial needed.
+        if storage.is_url(self.directory):
+            return self.directory / self._names[i]
         return self.directory / (self._names[i] + ".partial")
 
     def _open_shard(self, i: int) -> None:
@@ -701,7 +721,8 @@ class ShardedSafetensorsWriter:
             self._finish_shard()
         self._closed = True
         for i, name in enumerate(self._names):
-            os.replace(self._partial(i), self.directory / name)
+            if self._partial(i) != self.directory / name:
+                os.replace(self._partial(i), self.directory / name)
         index = self.directory / INDEX_FILE_NAME
         if len(self._names) > 1:
             weight_map = {
@@ -713,9 +734,7 @@ class ShardedSafetensorsWriter:
                 indent=2,
                 sort_keys=True,
             )
-            tmp = index.with_name(index.name + ".partial")
-            tmp.write_text(text + "\n", encoding="utf-8")
-            os.replace(tmp, index)
+            storage.write_text(index, text + "\n")
         self._remove_stale()
 
     def _remove_stale(self) -> None:

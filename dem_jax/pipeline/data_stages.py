@@ -19,11 +19,13 @@ import numpy as np
 from dem_jax.api import load_model
 from dem_jax.config import RunConfig
 from dem_jax.data.pipeline import distribution_records
+from dem_jax.data_merge import data_merge_params, record_batches
 from dem_jax.errors import DemError
 from dem_jax.layout import RunLayout
+from dem_jax.mergekit_config import DATA_METHODS, DataOptions
 from dem_jax.modeldir import Model, atomic_directory
 
-FISHER_MERGES = ("fisher", "regmean")  # pipeline baselines built here
+FISHER_MERGES = DATA_METHODS  # pipeline baselines built here: fisher, regmean
 
 
 def finetuned_models(run: RunConfig, names: list[str], mesh=None) -> list[Model]:
@@ -48,22 +50,23 @@ def validation_batches(
     run: RunConfig, names: list[str], tokenizer, batch_size: int, max_examples: int = 0
 ) -> list[list[dict[str, np.ndarray]]]:
     """Each distribution's held-out records (the first ``max_examples``; 0 = all) as
-    unpacked (B, T) batches, the last one padded with rows without loss tokens."""
-    from dem_jax.score import encode_records, pad_batches
-
+    unpacked (B, T) batches, the last one padded with rows without loss tokens
+    (:func:`dem_jax.data_merge.record_batches`, tokenised as ``run.data`` says)."""
     d = run.data
-    out = []
-    for name in names:
-        records = distribution_records(d, name)[1]
-        if max_examples:
-            records = records[:max_examples]
-        rows = encode_records(
-            records, tokenizer, d.seq_len, False, d.prompt_template, d.add_bos, d.add_eos
-        ).rows
-        if not rows:
-            raise DemError(f"data.distributions.{name}: no validation rows")
-        out.append(pad_batches(rows, batch_size))
-    return out
+    options = DataOptions(
+        seq_len=d.seq_len,
+        batch_size=batch_size,
+        max_examples=max_examples,
+        prompt_template=d.prompt_template,
+        add_bos=d.add_bos,
+        add_eos=d.add_eos,
+    )
+    return [
+        record_batches(
+            distribution_records(d, name)[1], tokenizer, options, f"data.distributions.{name}"
+        )
+        for name in names
+    ]
 
 
 def _tokenizer(run: RunConfig, model: Model):
@@ -75,11 +78,14 @@ def _tokenizer(run: RunConfig, model: Model):
 def taskpgm_from_config(run: RunConfig, mesh=None, progress=None) -> dict[str, Any]:
     """The ``dem-jax mixture`` stage: TaskPGM proportions of ``data.distributions``.
 
-    Loads every fine-tune, computes the similarity ``pipeline.taskpgm.similarity``
-    (pmi or jsd) on the validation rows, solves for the proportions and writes
-    ``output_dir/mixture/`` atomically: ``proportions.json`` ({name: p}),
-    ``similarity.json`` (names, the measure, its matrix) and ``heatmap.png``.
-    Returns what was written, with ``"path"`` the directory.
+    Loads every fine-tune, computes both similarity measures on the validation rows
+    (PMI: N² forward passes; JSD: 2N(N−1) — both cheap next to training at
+    validation sizes), solves for the proportions with the one
+    ``pipeline.taskpgm.similarity`` names and writes ``output_dir/mixture/``
+    atomically: ``proportions.json`` ({name: p}), ``similarity.json`` (``names``,
+    ``similarity``: the measure the proportions used, and both matrices under
+    ``pmi`` and ``jsd``) and ``heatmap.png`` (the measure used). Returns what was
+    written, with ``"path"`` the directory.
     """
     from dem_jax.taskpgm import similarity_jsd, similarity_pmi, taskpgm_proportions
 
@@ -92,12 +98,20 @@ def taskpgm_from_config(run: RunConfig, mesh=None, progress=None) -> dict[str, A
         run, names, _tokenizer(run, models[0]), t.batch_size, t.max_examples
     )
     if progress is not None:
-        progress(f"[mixture] {t.similarity} similarity of {len(names)} fine-tunes")
-    measure = similarity_pmi if t.similarity == "pmi" else similarity_jsd
-    S = measure([m.params for m in models], models[0].config, batches)
+        progress(f"[mixture] PMI and JSD similarity of {len(names)} fine-tunes")
+    params, config = [m.params for m in models], models[0].config
+    matrices = {
+        "pmi": similarity_pmi(params, config, batches),
+        "jsd": similarity_jsd(params, config, batches),
+    }
+    S = matrices[t.similarity]
     p = taskpgm_proportions(S, lam=t.lam, beta=t.beta, method=t.method)
     proportions = {n: float(v) for n, v in zip(names, p, strict=True)}
-    similarity = {"names": names, "similarity": t.similarity, t.similarity: S.tolist()}
+    similarity = {
+        "names": names,
+        "similarity": t.similarity,
+        **{k: v.tolist() for k, v in matrices.items()},
+    }
     out = RunLayout(Path(run.output_dir)).mixture_dir
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_directory(out, overwrite=True) as tmp:
@@ -141,13 +155,16 @@ def fisher_regmean_params(
     validation records, in ``search.batch_size`` batches: the diagonal Fisher of
     model i on distribution i (:func:`dem_jax.fisher.diagonal_fisher`), or its
     linear layers' input Grams (:func:`dem_jax.regmean.gram_matrices`, merged with
-    ``pipeline.regmean_alpha``).
+    ``pipeline.regmean_alpha``); see :func:`dem_jax.data_merge.data_merge_params`.
+    With ``mesh`` the models are loaded onto it and every pass runs sharded
+    (``search.batch_size`` must divide by data*fsdp).
     """
-    from dem_jax.fisher import diagonal_fisher, fisher_merge
-    from dem_jax.regmean import gram_matrices, regmean_merge
-
     if kind not in FISHER_MERGES:
         raise DemError(f"unknown data-aware merge {kind!r} (known: {', '.join(FISHER_MERGES)})")
+    if mesh is not None:
+        from dem_jax.score import check_batch_size
+
+        check_batch_size(run.search.batch_size, mesh, "search.batch_size")
     models = finetuned_models(run, names, mesh)
     config = models[0].config
     batches = validation_batches(
@@ -157,13 +174,14 @@ def fisher_regmean_params(
         run.search.batch_size,
         run.pipeline.eval_max_examples,
     )
-    params = [m.params for m in models]
     if progress is not None:
         progress(f"[{kind}] statistics of {len(names)} fine-tunes on their validation rows")
-    if kind == "fisher":
-        stats = [diagonal_fisher(p, config, b) for p, b in zip(params, batches, strict=True)]
-        merged = fisher_merge(params, stats)
-    else:
-        stats = [gram_matrices(p, config, b) for p, b in zip(params, batches, strict=True)]
-        merged = regmean_merge(params, stats, alpha=run.pipeline.regmean_alpha)
+    merged = data_merge_params(
+        kind,
+        [m.params for m in models],
+        config,
+        batches,
+        mesh=mesh,
+        alpha=run.pipeline.regmean_alpha,
+    )
     return jax.block_until_ready(merged), config

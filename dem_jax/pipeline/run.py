@@ -178,7 +178,9 @@ def _baselines(cfg, scorer, base: Model, names, layout: RunLayout, state, log) -
             continue
         info: dict[str, Any] = {}
         if baseline in FISHER_MERGES:
-            merged, _ = fisher_regmean_params(cfg, baseline, names, progress=log)
+            merged, _ = fisher_regmean_params(
+                cfg, baseline, names, mesh=getattr(scorer, "mesh", None), progress=log
+            )
             # Stored like the other merges, in the base's parameter dtype.
             params = jax.tree.map(lambda x: x.astype(base.config.param_dtype), merged)
             model = Model(base.config, params, base.hf_config, base.assets_dir)
