@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from dem_jax import storage
 from dem_jax.errors import DemError
 from dem_jax.hf.checkpoint import DEFAULT_MAX_SHARD_BYTES
 from dem_jax.mergekit_config import (
@@ -232,7 +233,7 @@ def merge_with_data(
         config.replace(param_dtype=out_dtype),
         jax.tree.map(lambda x: x.astype(out_dtype), merged),
         models[0].hf_config,
-        Path(tokenizer_dir),
+        storage.path(tokenizer_dir),
         metadata,
     )
     return write_model(

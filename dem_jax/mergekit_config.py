@@ -67,6 +67,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dem_jax import storage
 from dem_jax.errors import DemError
 
 REQUIRED = object()  # marks a parameter without a default
@@ -436,14 +437,21 @@ def _dtype(value: Any, where: str) -> str | None:
     return name
 
 
+def _resolve_path(value: str, folder: Path):
+    """A URL as it is; a local path expanded and taken relative to ``folder``."""
+    if storage.is_url(value):
+        return storage.path(value)
+    path = Path(os.path.expanduser(value))
+    return path if path.is_absolute() else folder / path
+
+
 def _model_path(value: Any, folder: Path, where: str) -> Path:
     """A local model directory named in the YAML (relative to the YAML's folder)."""
     if isinstance(value, Mapping):
         raise DemError(f"{where}: structured model references (LoRA, revision) are not supported")
     if not isinstance(value, str) or not value:
         raise DemError(f"{where}: expected a model path, got {value!r}")
-    path = Path(os.path.expanduser(value))
-    path = path if path.is_absolute() else folder / path
+    path = _resolve_path(value, folder)
     if not path.exists():
         hint = " (LoRA '+' references are not supported)" if "+" in value else ""
         raise DemError(f"{where}: model path {value!r} does not exist ({path}){hint}")
@@ -647,8 +655,7 @@ def _data_path(method: Method, value: Any, folder: Path, where: str) -> Path | N
         )
     if not isinstance(value, str) or not value:
         raise DemError(f"{where}: expected a JSONL file path, got {value!r}")
-    path = Path(os.path.expanduser(value))
-    path = path if path.is_absolute() else folder / path
+    path = _resolve_path(value, folder)
     if not path.is_file():
         raise DemError(f"{where}: data file {value!r} does not exist ({path})")
     return path

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from dem_jax import storage
+
 if TYPE_CHECKING:
     from dem_jax.search import SearchResult
 
@@ -54,7 +56,7 @@ def plot_search(result: SearchResult, path: str | os.PathLike) -> bool:
     else:
         fig = _candidates_figure(plt, result, objective, best)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    storage.save_figure(fig, path, dpi=110)
     plt.close(fig)
     return True
 

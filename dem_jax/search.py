@@ -35,6 +35,7 @@ is small next to a forward pass over B*T tokens per batch.
 from __future__ import annotations
 
 import csv
+import io
 import itertools
 import json
 import math
@@ -49,6 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from dem_jax import storage
 from dem_jax.api import load_model, save_model
 from dem_jax.config import ModelConfig, RunConfig, SearchConfig
 from dem_jax.data.pipeline import distribution_records
@@ -458,8 +460,8 @@ def objective_weights(cfg: SearchConfig, names: Sequence[str]) -> list[float] | 
 def base_model_path(run: RunConfig) -> Path:
     """``model.path``, or the run's own base model when it is initialised from scratch."""
     if run.model.path is not None:
-        return Path(run.model.path)
-    path = RunLayout(Path(run.output_dir)).base_model
+        return storage.path(run.model.path)
+    path = RunLayout(run.output_dir).base_model
     if not path.exists():
         raise DemError(f"{path}: base model not found (model.init runs write it when training)")
     return path
@@ -473,7 +475,7 @@ def load_vectors(
     ``layout.model(name)`` minus the base."""
     from dem_jax import vectors as vectors_lib
 
-    layout = RunLayout(Path(run.output_dir))
+    layout = RunLayout(run.output_dir)
     out = []
     for name in names:
         vector_dir, model_dir = layout.vector(name), layout.model(name)
@@ -552,7 +554,7 @@ def search_from_config(
     """
     scorer, base, names = scorer_and_base or build_scorer(run, mesh, progress)
     result = run_search(scorer, run.search, names, progress)
-    layout = RunLayout(Path(run.output_dir))
+    layout = RunLayout(run.output_dir)
     write_search_outputs(result, scorer, layout.search_dir, progress)
     if save_merged:
         save_merged_model(result, scorer, base, layout.merged_model)
@@ -597,13 +599,14 @@ def write_search_outputs(
             for i, c in enumerate(result.candidates)
         ],
     }
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    storage.makedirs(out_dir.parent)
     with atomic_directory(out_dir, overwrite=True) as tmp:
         if jax.process_index() == 0:
-            with (tmp / "candidates.csv").open("w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=["index", *rows[0]])
-                writer.writeheader()
-                writer.writerows({"index": i, **r} for i, r in enumerate(rows))
+            text = io.StringIO(newline="")
+            writer = csv.DictWriter(text, fieldnames=["index", *rows[0]])
+            writer.writeheader()
+            writer.writerows({"index": i, **r} for i, r in enumerate(rows))
+            (tmp / "candidates.csv").write_text(text.getvalue())
             (tmp / "candidates.json").write_text(json.dumps(table, indent=2) + "\n")
             (tmp / "chosen.json").write_text(json.dumps(chosen, indent=2) + "\n")
             if not plot_search(result, tmp / "search.png") and progress is not None:
@@ -627,5 +630,5 @@ def save_merged_model(result: SearchResult, scorer: MergeScorer, base: Model, ou
     merged = Model(
         base.config, scorer.merged_params(best.omega), base.hf_config, base.assets_dir, metadata
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
+    storage.makedirs(out.parent)
     return save_model(merged, out, format="orbax", overwrite=True)

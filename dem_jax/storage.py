@@ -190,10 +190,30 @@ def read_range(p: PathLike, start: int, end: int) -> bytes:
         return f.read(end - start)
 
 
+def save_figure(fig: Any, p: PathLike, dpi: int = 110) -> None:
+    """Save a matplotlib figure as PNG to a local path or URL."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    write_bytes(p, buf.getvalue())
+
+
 def file_size(p: PathLike) -> int:
     """Size of a file in bytes."""
     p = path(p)
     return p.stat().length if is_url(p) else p.stat().st_size
+
+
+def version_stamp(p: PathLike) -> str:
+    """A string that changes whenever the file is rewritten: its modification time in
+    ns locally; on object stores the object's generation (or update time / etag)."""
+    p = path(p)
+    if not is_url(p):
+        return str(p.stat().st_mtime_ns)
+    info = _filesystem(p).info(os.fspath(p))
+    keys = ("generation", "updated", "mtime", "etag")
+    return str(next((info[k] for k in keys if info.get(k)), ""))
 
 
 def check_complete(p: PathLike) -> None:

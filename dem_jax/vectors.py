@@ -19,7 +19,6 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -28,6 +27,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
+from dem_jax import storage
 from dem_jax.checkpoint import read_format_json
 from dem_jax.config import ModelConfig
 from dem_jax.errors import DemError
@@ -153,10 +153,10 @@ def distribution_vector(
 
 def is_vector_dir(path: str | os.PathLike) -> bool:
     """Whether ``path`` is a dem-jax vector directory."""
-    return (Path(path) / VECTOR_METADATA).is_file()
+    return (storage.path(path) / VECTOR_METADATA).is_file()
 
 
-def save_vector(vector: Vector, out: str | os.PathLike, overwrite: bool = False) -> Path:
+def save_vector(vector: Vector, out: str | os.PathLike, overwrite: bool = False) -> storage.AnyPath:
     """Write ``vector`` as a dem-jax vector directory, atomically (complete or absent)."""
     meta = {
         "format": FORMAT_NAME,
@@ -169,31 +169,36 @@ def save_vector(vector: Vector, out: str | os.PathLike, overwrite: bool = False)
     }
     with atomic_directory(out, overwrite) as tmp:
         checkpointer = ocp.StandardCheckpointer()
-        checkpointer.save((tmp / PARAMS_DIR).absolute(), vector.params)
+        checkpointer.save(storage.absolute(tmp / PARAMS_DIR), vector.params)
         checkpointer.wait_until_finished()
-        (tmp / VECTOR_METADATA).write_text(json.dumps(meta, indent=2) + "\n")
-    return Path(out)
+        if jax.process_index() == 0:  # every process saved its shards; one writes the rest
+            (tmp / VECTOR_METADATA).write_text(json.dumps(meta, indent=2) + "\n")
+    return storage.path(out)
 
 
 def read_vector_metadata(directory: str | os.PathLike) -> dict[str, Any]:
     """The validated ``dem_jax_vector.json`` of a vector directory."""
-    if not Path(directory).is_dir():
+    directory = storage.path(directory)
+    if not directory.is_dir():
         raise DemError(f"{directory}: vector directory does not exist")
-    return read_format_json(Path(directory) / VECTOR_METADATA, FORMAT_NAME, FORMAT_VERSION)
+    storage.check_complete(directory)
+    return read_format_json(directory / VECTOR_METADATA, FORMAT_NAME, FORMAT_VERSION)
 
 
 def vector_config(directory: str | os.PathLike) -> ModelConfig:
     """The model config stored with a vector directory."""
     meta = read_vector_metadata(directory)
-    return ModelConfig.from_dict(meta["model"], where=str(Path(directory) / VECTOR_METADATA))
+    return ModelConfig.from_dict(
+        meta["model"], where=str(storage.path(directory) / VECTOR_METADATA)
+    )
 
 
 def load_vector(directory: str | os.PathLike, mesh: Mesh | None = None) -> Vector:
     """Restore a vector directory onto ``mesh`` (or the default device)."""
-    directory = Path(directory)
+    directory = storage.path(directory)
     meta = read_vector_metadata(directory)
     config = vector_config(directory)
-    params_dir = (directory / PARAMS_DIR).absolute()
+    params_dir = storage.absolute(directory / PARAMS_DIR)
     if not params_dir.is_dir():
         raise DemError(f"{params_dir}: missing parameter checkpoint")
     target = jax.tree.map(

@@ -12,7 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fake_gcs import bucket, gcs_server  # noqa: F401  (fixtures)
 from train_helpers import TINY, cli_env, dem_jax_cmd, load_params, run_cli
+
+from dem_jax import storage
 
 STEPS = 24
 COMMON = [
@@ -37,8 +40,8 @@ def reference(tmp_path_factory) -> list[np.ndarray]:
     return load_params(out / "models" / "reverse")
 
 
-def committed_steps(out: Path) -> list[int]:
-    ckpt = out / "checkpoints" / "reverse"
+def committed_steps(out) -> list[int]:
+    ckpt = storage.path(out) / "checkpoints" / "reverse"
     return sorted(int(p.name) for p in ckpt.glob("*") if p.name.isdigit()) if ckpt.exists() else []
 
 
@@ -99,9 +102,12 @@ def test_uncommitted_checkpoint_is_ignored(tmp_path, reference):
     assert_same(load_params(out / "models" / "reverse"), reference)
 
 
-def test_sigterm_saves_checkpoint_and_resumes_exactly(tmp_path, reference):
-    out = tmp_path / "run"
-    metrics = out / "logs" / "reverse.jsonl"
+@pytest.mark.parametrize("where", ["local", "gcs"])
+def test_sigterm_saves_checkpoint_and_resumes_exactly(tmp_path, reference, where, request):
+    """Also with output_dir on (fake) Cloud Storage: checkpoints, logs and the final
+    model go to gs:// and the resumed run still ends bit-identical."""
+    out = tmp_path / "run" if where == "local" else f"{request.getfixturevalue('bucket')}/run"
+    metrics = storage.path(out) / "logs" / "reverse.jsonl"
 
     def trained_some(o):
         return metrics.exists() and len(metrics.read_text().splitlines()) >= 6
@@ -117,7 +123,7 @@ def test_sigterm_saves_checkpoint_and_resumes_exactly(tmp_path, reference):
     done = run_cli(*train_args(out))
     assert done.returncode == 0, done.stderr
     assert f"resumed from step {stopped_at}" in done.stderr
-    assert_same(load_params(out / "models" / "reverse"), reference)
+    assert_same(load_params(storage.path(out) / "models" / "reverse"), reference)
 
 
 def test_two_processes_equal_one(tmp_path, reference):

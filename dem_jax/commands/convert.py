@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
+from dem_jax import storage
 from dem_jax.errors import DemError
 
 
@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
             f"{args.src}: is {kind[found]} directory, but {args.direction} "
             f"needs {kind[want]} directory"
         )
-    if Path(args.dst).exists() and not args.overwrite:
+    if storage.path(args.dst).exists() and not args.overwrite:
         raise DemError(f"{args.dst}: output already exists (pass --overwrite to replace it)")
     fmt = "orbax" if want == "hf" else "hf"
     kwargs = {"max_shard_bytes": parse_size(args.max_shard_size)} if fmt == "hf" else {}

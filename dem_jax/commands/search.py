@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import math
-from pathlib import Path
 
 
 def register(sub) -> None:
@@ -42,5 +41,5 @@ def run(args: argparse.Namespace) -> int:
     log(f"chosen omega {omega_dict(best.omega, result.names)}, objective {best.objective:.5f}")
     for name, mean_nll in zip(result.names, best.mean_nll, strict=True):
         log(f"  validation {name}: nll {mean_nll:.4f}  ppl {math.exp(mean_nll):.3f}")
-    log(f"wrote {RunLayout(Path(cfg.output_dir)).search_dir}")
+    log(f"wrote {RunLayout(cfg.output_dir).search_dir}")
     return 0

@@ -13,8 +13,9 @@ import json
 import re
 import sys
 import time
-from pathlib import Path
 
+from dem_jax import storage
+from dem_jax.distributed import is_main_process
 from dem_jax.errors import DemError
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -49,10 +50,10 @@ def cmd_vectors(args: argparse.Namespace) -> int:
     )
 
     models = parse_named_paths(args.model)
-    out = Path(args.out)
+    out = storage.path(args.out)
     if out.exists() and not out.is_dir():
         raise DemError(f"{out}: --out exists and is not a directory")
-    if not out.parent.exists():
+    if not storage.parent_exists(out):
         raise DemError(f"{out.parent}: --out's parent directory does not exist")
     for name, _ in models:
         if (out / name).exists() and not args.overwrite:
@@ -60,7 +61,7 @@ def cmd_vectors(args: argparse.Namespace) -> int:
     mesh = parse_mesh(args.mesh)
     start = time.perf_counter()
     base = load_model(args.base, mesh=mesh)
-    out.mkdir(exist_ok=True)
+    storage.makedirs(out)
     vectors = []
     for name, path in models:
         model = load_model(path, mesh=mesh)
@@ -70,7 +71,8 @@ def cmd_vectors(args: argparse.Namespace) -> int:
         vectors.append(vec)
         print(f"wrote {out / name} ({time.perf_counter() - start:.1f}s)", file=sys.stderr)
     diag = vector_diagnostics(vectors, [n for n, _ in models])
-    (out / DIAGNOSTICS_FILE).write_text(json.dumps(diag, indent=2) + "\n")
+    if is_main_process():
+        (out / DIAGNOSTICS_FILE).write_text(json.dumps(diag, indent=2) + "\n")
     print(json.dumps(diag, indent=2) if args.json else format_diagnostics(diag))
     return 0
 

@@ -20,6 +20,7 @@ import grain
 import jax
 import numpy as np
 
+from dem_jax import storage
 from dem_jax.config import DataConfig
 from dem_jax.data.packing import empty_row, make_rows, stack_rows
 from dem_jax.data.records import read_jsonl, split_validation
@@ -100,12 +101,12 @@ def mixture_weights(
 
 def read_proportions(path: Path | None, names: list[str]) -> dict[str, float]:
     """TaskPGM proportions of ``names`` from ``path`` (not renormalised)."""
-    if path is None or not Path(path).exists():
+    if path is None or not storage.path(path).exists():
         raise DemError(
             f"{path}: TaskPGM proportions not found "
             "(compute them with: dem-jax mixture CONFIG.yaml)"
         )
-    stored = json.loads(Path(path).read_text())
+    stored = json.loads(storage.path(path).read_text())
     missing = [n for n in names if n not in stored]
     if missing:
         raise DemError(

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 from typing import Any
 
+from dem_jax import storage
 from dem_jax.errors import DemError
 
 
@@ -33,7 +33,7 @@ def check_record(record: Any, where: str) -> dict[str, Any]:
 
 def read_jsonl(path: str | os.PathLike, limit: int | None = None) -> list[dict[str, Any]]:
     """All records of a JSONL file (blank lines skipped), validated."""
-    path = Path(path)
+    path = storage.path(path)
     if not path.is_file():
         raise DemError(f"{path}: data file not found")
     records = []

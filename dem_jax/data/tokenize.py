@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from dem_jax import storage
 from dem_jax.errors import DemError
 
 
@@ -16,9 +16,10 @@ def load_tokenizer(path: str | os.PathLike | None):
     """``AutoTokenizer`` from a local directory (never the network)."""
     if path is None:
         raise DemError("data.tokenizer: no tokenizer given and the base model has none")
-    directory = Path(path)
+    directory = storage.path(path)
     if not directory.is_dir() or not any(directory.glob("tokenizer*")):
         raise DemError(f"{directory}: no tokenizer files (tokenizer.json / tokenizer_config.json)")
+    directory = storage.local_copy(directory)  # transformers reads local files only
     from transformers import AutoTokenizer
 
     try:

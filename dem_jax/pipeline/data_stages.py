@@ -16,10 +16,12 @@ from typing import Any
 import jax
 import numpy as np
 
+from dem_jax import storage
 from dem_jax.api import load_model
 from dem_jax.config import RunConfig
 from dem_jax.data.pipeline import distribution_records
 from dem_jax.data_merge import data_merge_params, record_batches
+from dem_jax.distributed import is_main_process
 from dem_jax.errors import DemError
 from dem_jax.layout import RunLayout
 from dem_jax.mergekit_config import DATA_METHODS, DataOptions
@@ -32,7 +34,7 @@ def finetuned_models(run: RunConfig, names: list[str], mesh=None) -> list[Model]
     """The fine-tuned model of each distribution, float32, all of one architecture."""
     from dem_jax.vectors import check_compatible
 
-    layout = RunLayout(Path(run.output_dir))
+    layout = RunLayout(run.output_dir)
     models = []
     for name in names:
         path = layout.model(name)
@@ -112,12 +114,13 @@ def taskpgm_from_config(run: RunConfig, mesh=None, progress=None) -> dict[str, A
         "similarity": t.similarity,
         **{k: v.tolist() for k, v in matrices.items()},
     }
-    out = RunLayout(Path(run.output_dir)).mixture_dir
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = RunLayout(run.output_dir).mixture_dir
+    storage.makedirs(out.parent)
     with atomic_directory(out, overwrite=True) as tmp:
-        (tmp / "proportions.json").write_text(json.dumps(proportions, indent=2) + "\n")
-        (tmp / "similarity.json").write_text(json.dumps(similarity, indent=2) + "\n")
-        _heatmap(S, names, p, t.similarity, tmp / "heatmap.png")
+        if is_main_process():
+            (tmp / "proportions.json").write_text(json.dumps(proportions, indent=2) + "\n")
+            (tmp / "similarity.json").write_text(json.dumps(similarity, indent=2) + "\n")
+            _heatmap(S, names, p, t.similarity, tmp / "heatmap.png")
     if progress is not None:
         progress(f"[mixture] wrote {out}")
     return {"path": out, "proportions": proportions, **similarity}
@@ -141,7 +144,7 @@ def _heatmap(S: np.ndarray, names: list[str], p: np.ndarray, measure: str, path:
     fig.colorbar(im, ax=ax, label=measure)
     ax.set_title("TaskPGM p: " + ", ".join(f"{m} {v:.2f}" for m, v in zip(names, p, strict=True)))
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    storage.save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 

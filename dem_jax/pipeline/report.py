@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 from typing import Any
+
+from dem_jax import storage
+from dem_jax.distributed import is_main_process
 
 
 def mean_log_ppl(evals: dict[str, dict[str, Any]], names: list[str]) -> float:
@@ -131,7 +133,7 @@ def _plots(result: dict[str, Any], out: Path, root: Path) -> list[str]:
     ax.set_title("validation perplexity (colour: log scale)")
     fig.colorbar(im, ax=ax, label="NLL")
     fig.tight_layout()
-    fig.savefig(out / "heatmap.png", dpi=120)
+    storage.save_figure(fig, out / "heatmap.png", dpi=120)
     plt.close(fig)
     made.append("heatmap.png")
 
@@ -148,21 +150,24 @@ def _plots(result: dict[str, Any], out: Path, root: Path) -> list[str]:
         ax.legend(fontsize=7)
         ax.set_title("training curves")
         fig.tight_layout()
-        fig.savefig(out / "training_curves.png", dpi=120)
+        storage.save_figure(fig, out / "training_curves.png", dpi=120)
         plt.close(fig)
         made.append("training_curves.png")
     search_png = root / "search" / "search.png"
     if search_png.exists():
-        shutil.copy2(search_png, out / "search.png")
+        storage.copy_file(search_png, out / "search.png")
         made.append("search.png")
     return made
 
 
 def write_report(result: dict[str, Any], out: Path, root: Path) -> Path:
-    """report.md, report.json and plots in ``out``; returns the Markdown path."""
-    out.mkdir(parents=True, exist_ok=True)
+    """report.md, report.json and plots in ``out``; returns the Markdown path.
+    Only process 0 writes."""
+    path = out / "report.md"
+    if not is_main_process():
+        return path
+    storage.makedirs(out)
     plots = _plots(result, out, root)
     (out / "report.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
-    path = out / "report.md"
     path.write_text(_markdown(result, plots))
     return path

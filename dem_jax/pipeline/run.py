@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +11,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from dem_jax import storage
 from dem_jax.api import load_model, save_model
 from dem_jax.config import BaseModelConfig, RunConfig
 from dem_jax.data.pipeline import distribution_records, read_proportions
@@ -95,8 +95,8 @@ def _train_mixture(cfg: RunConfig, spec, names: list[str], layout: RunLayout, lo
             stale = "TaskPGM proportions changed"
         if stale:
             log(f"[{name}] {stale}: retraining the mixture")
-            shutil.rmtree(out)
-            shutil.rmtree(layout.checkpoints(name), ignore_errors=True)
+            storage.rmtree(out)
+            storage.rmtree(layout.checkpoints(name))
             layout.metrics(name).unlink(missing_ok=True)
     # Same data exposure as all the fine-tunes together, unless set otherwise.
     steps = cfg.pipeline.mixture_steps or cfg.train.steps * len(names)
@@ -144,7 +144,7 @@ def _vectors(base: Model, names: list[str], layout: RunLayout, state: StageState
             continue
         finetuned = load_model(layout.model(name), mesh=None, dtype="float32")
         vector = distribution_vector(base, finetuned, name=name, model_path=layout.model(name))
-        layout.vector(name).parent.mkdir(parents=True, exist_ok=True)
+        storage.makedirs(layout.vector(name).parent)
         save_vector(vector, layout.vector(name), overwrite=True)
         state.mark(f"vector:{name}", fp)
         log(f"[vectors] wrote {layout.vector(name)}")
@@ -222,8 +222,8 @@ def run_pipeline(cfg: RunConfig, log=print) -> PipelineResult:
 
     initialize_from_env()
     start = time.perf_counter()
-    layout = RunLayout(Path(cfg.output_dir))
-    layout.root.mkdir(parents=True, exist_ok=True)
+    layout = RunLayout(cfg.output_dir)
+    storage.makedirs(layout.root)
     state = StageState(layout.root / "pipeline_state.json")
     names = sorted(cfg.data.distributions)
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
@@ -285,7 +285,7 @@ def run_pipeline(cfg: RunConfig, log=print) -> PipelineResult:
     del scorer, base_on_mesh
 
     # 4. Evaluation of every model on every distribution.
-    models = {"base": Path(ft_cfg.model.path), "dem": layout.merged_model}
+    models = {"base": storage.path(ft_cfg.model.path), "dem": layout.merged_model}
     models.update({f"ft-{n}": layout.model(n) for n in names})
     models.update({m: layout.model(m) for m in mixtures})
     models.update({b: layout.model(b) for b in cfg.pipeline.baselines})

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
+
+from dem_jax import storage
+from dem_jax.distributed import is_main_process
 
 
 def fingerprint(*parts: Any) -> str:
@@ -32,7 +34,7 @@ def model_stamp(directory: Path) -> str:
         ),
         directory,
     )
-    return f"{directory.name}:{marker.stat().st_mtime_ns}" if marker.exists() else "absent"
+    return f"{directory.name}:{storage.version_stamp(marker)}" if marker.exists() else "absent"
 
 
 class StageState:
@@ -52,9 +54,8 @@ class StageState:
         return self.done.get(stage, {}).get("info", {})
 
     def mark(self, stage: str, fp: str, **info: Any) -> None:
-        """Record completion (atomically: write a temporary file, then rename)."""
+        """Record completion (atomically: the old file or the new, never half)."""
         self.done[stage] = {"fingerprint": fp, "info": info}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.done, indent=2, sort_keys=True, default=str) + "\n")
-        os.replace(tmp, self.path)
+        if is_main_process():  # every process keeps the record; one writes it
+            text = json.dumps(self.done, indent=2, sort_keys=True, default=str) + "\n"
+            storage.write_text(self.path, text)

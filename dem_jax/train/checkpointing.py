@@ -8,11 +8,11 @@ latest usable one; ``latest_step`` never returns an uncommitted step.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import orbax.checkpoint as ocp
 
+from dem_jax import storage
 from dem_jax.errors import DemError
 
 
@@ -20,7 +20,7 @@ class TrainCheckpoints:
     """Periodic, optionally asynchronous saves of the train state and data position."""
 
     def __init__(self, directory: str | os.PathLike, keep: int = 2, async_save: bool = True):
-        path = directory if str(directory).startswith("gs://") else Path(directory).absolute()
+        path = storage.absolute(directory)
         self._manager = ocp.CheckpointManager(
             path,
             options=ocp.CheckpointManagerOptions(

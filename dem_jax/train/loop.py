@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dem_jax import storage
 from dem_jax.api import init_model, load_model, save_model
 from dem_jax.config import ModelConfig, RunConfig
 from dem_jax.data.pipeline import (
@@ -64,15 +65,15 @@ def base_model(cfg: RunConfig, mesh) -> Model:
     dtype = cfg.train.param_dtype
     if cfg.model.path is not None:
         return load_model(cfg.model.path, mesh=mesh, dtype=dtype)
-    layout = RunLayout(Path(cfg.output_dir))
+    layout = RunLayout(cfg.output_dir)
     if layout.base_model.exists():
         return load_model(layout.base_model, mesh=mesh, dtype=dtype)
     init = dict(cfg.model.init)
     init.setdefault("param_dtype", dtype)
     init.setdefault("dtype", dtype)
     model = init_model(ModelConfig.from_dict(init, where="model.init"), cfg.train.seed, mesh)
-    model.assets_dir = Path(cfg.data.tokenizer) if cfg.data.tokenizer else None
-    layout.base_model.parent.mkdir(parents=True, exist_ok=True)
+    model.assets_dir = storage.path(cfg.data.tokenizer) if cfg.data.tokenizer else None
+    storage.makedirs(layout.base_model.parent)
     save_model(model, layout.base_model, format="orbax")  # collective: every host takes part
     return model
 
@@ -97,7 +98,7 @@ def run_training(
     ``distributions`` lists several, on their ``data.mixture``; the model goes to
     ``RunLayout.model(name)``."""
     initialize_from_env()
-    layout = RunLayout(Path(cfg.output_dir))
+    layout = RunLayout(cfg.output_dir)
     out_dir = layout.model(name)
     if out_dir.exists():
         log(f"[{name}] already trained: {out_dir}")
@@ -207,10 +208,10 @@ def run_training(
         config.replace(dtype=config.param_dtype, remat=False),
         state["params"],
         hf_config=base.hf_config,
-        assets_dir=Path(cfg.data.tokenizer or cfg.model.path),
+        assets_dir=storage.path(cfg.data.tokenizer or cfg.model.path),
         metadata={"trained_on": names, "steps": t.steps, "mixture": weights},
     )
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    storage.makedirs(out_dir.parent)
     save_model(trained, out_dir, format="orbax")
     log(f"[{name}] wrote {out_dir}")
     return TrainResult(out_dir, t.steps, t.steps * tokens_per_step, final)
