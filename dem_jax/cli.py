@@ -36,10 +36,18 @@ def parse_size(text: str) -> int:
 
 
 def parse_mesh(text: str | None):
-    """'fsdp=2,tensor=4' -> a Mesh over this host's devices (None when not given)."""
-    if not text:
-        return None
+    """'fsdp=2,tensor=4' -> a Mesh over the devices of every process.
+
+    Not given: None (the default device) in a single process; with several
+    processes an fsdp mesh over all devices, since the default device is one
+    that the other processes cannot address.
+    """
+    import jax
+
     from dem_jax.sharding import MESH_AXES, make_mesh
+
+    if not text:
+        return make_mesh() if jax.process_count() > 1 else None
 
     sizes = {}
     for part in text.split(","):
@@ -97,6 +105,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
+        # Every command joins jax.distributed when the environment asks for it
+        # (DEM_JAX_COORDINATOR... or DEM_JAX_DISTRIBUTED=auto), before it touches
+        # JAX: on a pod every host runs the same command as one program.
+        from dem_jax.distributed import initialize_from_env
+
+        initialize_from_env()
         return args.func(args)
     except DemError as e:
         print(f"dem-jax: error: {e}", file=sys.stderr)

@@ -72,7 +72,7 @@ def cmd_vectors(args: argparse.Namespace) -> int:
         print(f"wrote {out / name} ({time.perf_counter() - start:.1f}s)", file=sys.stderr)
     diag = vector_diagnostics(vectors, [n for n, _ in models])
     if is_main_process():
-        (out / DIAGNOSTICS_FILE).write_text(json.dumps(diag, indent=2) + "\n")
+        storage.write_text(out / DIAGNOSTICS_FILE, json.dumps(diag, indent=2) + "\n")
     print(json.dumps(diag, indent=2) if args.json else format_diagnostics(diag))
     return 0
 
