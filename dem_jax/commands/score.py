@@ -86,6 +86,10 @@ def run(args: argparse.Namespace) -> int:
         add_eos=not args.no_eos,
         progress=log,
     )
+    from dem_jax.distributed import is_main_process
+
+    if not is_main_process():  # every process computed the same scores; one prints them
+        return 0
     if args.json:
         out = {
             "model": str(args.model),
