@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from train_helpers import TINY_MODEL
 
 import dem_jax
 from dem_jax import fisher
@@ -16,15 +17,7 @@ from dem_jax.errors import DemError
 from dem_jax.model import apply
 from dem_jax.score import pad_batches
 
-# The same tiny config as the other merge-method tests, so one compiled initialiser serves all.
-CONFIG = dem_jax.ModelConfig(
-    vocab_size=37,
-    hidden_size=16,
-    intermediate_size=24,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-)
+CONFIG = TINY_MODEL
 
 # --------------------------------------------------------------- the merge
 

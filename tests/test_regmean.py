@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from hf_models import VOCAB, save_hf_model
+from train_helpers import TINY_MODEL
 
 import dem_jax
 from dem_jax import regmean
@@ -71,14 +72,7 @@ def test_ridge_falls_back_to_the_average_on_unseen_inputs():
 
 # ------------------------------------------------------------ model-level merge
 
-CONFIG = dem_jax.ModelConfig(
-    vocab_size=37,
-    hidden_size=16,
-    intermediate_size=24,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-)
+CONFIG = TINY_MODEL
 
 
 def random_grams(config, seed, tokens):

@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 from scipy.optimize import minimize
+from train_helpers import TINY_MODEL
 
 import dem_jax
 from dem_jax import taskpgm
@@ -172,14 +173,7 @@ def test_pmi_matrix_hand_values():
 
 # ------------------------------------------------------ on a tiny model
 
-CONFIG = dem_jax.ModelConfig(
-    vocab_size=37,
-    hidden_size=16,
-    intermediate_size=24,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-)
+CONFIG = TINY_MODEL
 
 
 def batches_for(seed, n_docs=5, seq_len=13, batch_size=2):

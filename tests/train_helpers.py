@@ -10,10 +10,22 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from dem_jax.config import ModelConfig
 from dem_jax.yaml_config import load_run_config
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "configs" / "tiny.yaml"
+
+# The tiny model of the merge-method tests (Fisher, RegMean, TaskPGM): one config,
+# so one compiled initialiser and forward serve them all.
+TINY_MODEL = ModelConfig(
+    vocab_size=37,
+    hidden_size=16,
+    intermediate_size=24,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+)
 
 
 def tiny_config(output_dir: Path, *overrides: str):
