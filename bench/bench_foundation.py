@@ -25,7 +25,7 @@ import numpy as np
 from common import best_of, llama_pair
 
 import dem_jax
-from dem_jax import model as model_lib
+from dem_jax.model import transformer as model_lib
 
 
 def bench_conversion(size_mb: float, repeats: int) -> None:

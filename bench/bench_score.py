@@ -22,7 +22,7 @@ from common import llama_pair
 
 from dem_jax.data.packing import make_rows, stack_rows
 from dem_jax.data.tokenize import Encoding
-from dem_jax.score import score_rows
+from dem_jax.search.score import score_rows
 
 
 def best_of(fn, repeats: int) -> tuple[float, object]:

@@ -21,8 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from common import best_of, llama_pair
 
-from dem_jax.config import TrainConfig
-from dem_jax.flops import train_flops
+from dem_jax.config.run import TrainConfig
+from dem_jax.model.flops import train_flops
 from dem_jax.train.optimizer import make_optimizer
 from dem_jax.train.step import init_state, train_step
 

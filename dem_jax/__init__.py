@@ -6,10 +6,10 @@ The public API is re-exported here; see :mod:`dem_jax.api`.
 __version__ = "0.1.0"
 
 from dem_jax.api import forward, init_model, load_model, save_model
-from dem_jax.config import ModelConfig, RopeScaling
+from dem_jax.config.run import ModelConfig, RopeScaling
 from dem_jax.errors import DemError
-from dem_jax.modeldir import Model
-from dem_jax.sharding import make_mesh
+from dem_jax.io.modeldir import Model
+from dem_jax.sharding.rules import make_mesh
 
 __all__ = [
     "DemError",

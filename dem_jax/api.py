@@ -17,12 +17,12 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from dem_jax import model as model_lib
-from dem_jax.checkpoint import load_orbax, save_orbax
-from dem_jax.config import ModelConfig
-from dem_jax.hf.checkpoint import DEFAULT_MAX_SHARD_BYTES, load_hf, save_hf
-from dem_jax.modeldir import Model, model_format
-from dem_jax.sharding import batch_sharding, param_shardings
+from dem_jax.config.run import ModelConfig
+from dem_jax.io.hf.checkpoint import DEFAULT_MAX_SHARD_BYTES, load_hf, save_hf
+from dem_jax.io.modeldir import Model, model_format
+from dem_jax.io.orbax import load_orbax, save_orbax
+from dem_jax.model import transformer as model_lib
+from dem_jax.sharding.rules import batch_sharding, param_shardings
 
 FORMATS = ("hf", "orbax")
 

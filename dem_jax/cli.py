@@ -44,7 +44,7 @@ def parse_mesh(text: str | None):
     """
     import jax
 
-    from dem_jax.sharding import MESH_AXES, make_mesh
+    from dem_jax.sharding.rules import MESH_AXES, make_mesh
 
     if not text:
         return make_mesh() if jax.process_count() > 1 else None
@@ -108,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Every command joins jax.distributed when the environment asks for it
         # (DEM_JAX_COORDINATOR... or DEM_JAX_DISTRIBUTED=auto), before it touches
         # JAX: on a pod every host runs the same command as one program.
-        from dem_jax.distributed import initialize_from_env
+        from dem_jax.sharding.distributed import initialize_from_env
 
         initialize_from_env()
         return args.func(args)

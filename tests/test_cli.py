@@ -221,7 +221,7 @@ def test_bad_shard_size(capsys, hf_dir, tmp_path):
 
 def test_failure_mid_export_leaves_nothing(capsys, hf_dir, tmp_path, monkeypatch):
     """An export that dies after some shards were written leaves no output and no temp dir."""
-    from dem_jax.hf import checkpoint as hf_checkpoint
+    from dem_jax.io.hf import checkpoint as hf_checkpoint
 
     real = hf_checkpoint.iter_hf_tensors
 

@@ -10,7 +10,7 @@ from dem_jax.data.packing import make_rows, stack_rows
 from dem_jax.data.records import read_jsonl, split_validation
 from dem_jax.data.tokenize import Encoding, encode_record, load_tokenizer
 from dem_jax.errors import DemError
-from dem_jax.losses import batch_nll, masked_nll_sum
+from dem_jax.model.losses import batch_nll, masked_nll_sum
 
 
 @pytest.fixture(scope="module")

@@ -15,10 +15,10 @@ from hf_models import save_hf_model
 from train_helpers import run_cli
 
 import dem_jax
-from dem_jax import storage
 from dem_jax.errors import DemError
-from dem_jax.modeldir import model_format
-from dem_jax.sharding import make_mesh
+from dem_jax.io import storage
+from dem_jax.io.modeldir import model_format
+from dem_jax.sharding.rules import make_mesh
 
 
 def _leaves(model):

@@ -6,8 +6,8 @@ import torch
 from hf_models import save_hf_model
 
 import dem_jax
-from dem_jax import model as model_lib
-from dem_jax.generate import answer_accuracy, greedy_generate, left_pad
+from dem_jax.model import transformer as model_lib
+from dem_jax.model.generate import answer_accuracy, greedy_generate, left_pad
 
 
 @pytest.mark.parametrize("case", ["llama_gqa", "mistral", "qwen2_tied_window"])
@@ -71,7 +71,7 @@ def test_eos_stops_a_row(tmp_path):
 
 def test_answer_accuracy_counts_exact_matches(tmp_path):
     from dem_jax.data.tokenize import load_tokenizer
-    from dem_jax.synthetic import write_char_tokenizer
+    from dem_jax.demo.synthetic import write_char_tokenizer
 
     tok = load_tokenizer(write_char_tokenizer(tmp_path / "tok"))
     config = dem_jax.ModelConfig(

@@ -276,7 +276,7 @@ def test_create_flags(env_file):
 
 
 def test_runtime_versions_match_the_planner():
-    from dem_jax.plan import TPU_GENERATIONS
+    from dem_jax.plan.memory import TPU_GENERATIONS
 
     planner = {g.name: g.runtime_version for g in TPU_GENERATIONS.values()}
     assert planner == dem_tpu.RUNTIME_VERSIONS

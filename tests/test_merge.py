@@ -12,10 +12,10 @@ import pytest
 from hf_models import build_hf_model, save_tokenizer
 
 import dem_jax
-from dem_jax import merge as M
 from dem_jax.errors import DemError
-from dem_jax.hf.weights import tensor_maps
-from dem_jax.vectors import distribution_vector, get_leaf
+from dem_jax.io.hf.weights import tensor_maps
+from dem_jax.merge import engine as M
+from dem_jax.vectors.vector import distribution_vector, get_leaf
 
 U32 = 2.0**-24  # float32 unit roundoff
 
@@ -246,7 +246,7 @@ def test_library_bad_inputs(family, loaded, tmp_path):
 
 
 def test_vector_directories_as_inputs(family, loaded, tmp_path):
-    from dem_jax.vectors import save_vector
+    from dem_jax.vectors.vector import save_vector
 
     settings = [{"weight": 0.4}, {"weight": 0.9}]
     paths = [

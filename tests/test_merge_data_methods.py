@@ -13,14 +13,15 @@ from test_merge import make_family
 from test_merge_yaml import run, write
 
 import dem_jax
-from dem_jax import fisher, mergekit_config, regmean
-from dem_jax import merge as M
 from dem_jax.data.records import read_jsonl
 from dem_jax.data.tokenize import load_tokenizer
 from dem_jax.errors import DemError
-from dem_jax.mergekit_config import load_merge_config
-from dem_jax.score import encode_records, pad_batches
-from dem_jax.sharding import param_shardings
+from dem_jax.merge import config as mergekit_config
+from dem_jax.merge import engine as M
+from dem_jax.merge.config import load_merge_config
+from dem_jax.merge.methods import fisher, regmean
+from dem_jax.search.score import encode_records, pad_batches
+from dem_jax.sharding.rules import param_shardings
 
 SEQ_LEN, BATCH, MAX_EXAMPLES = 16, 4, 10
 MESH = {"data": 2, "fsdp": 2, "tensor": 2}
@@ -263,7 +264,7 @@ def test_bad_data_merges_exit_2_with_one_line(capsys, family, tmp_path):
 
 
 def test_vector_inputs_are_refused(capsys, family, tmp_path):
-    from dem_jax.vectors import distribution_vector, save_vector
+    from dem_jax.vectors.vector import distribution_vector, save_vector
 
     base, ft = (dem_jax.load_model(p) for p in family[:2])
     save_vector(distribution_vector(base, ft, name="a"), tmp_path / "vec")

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dem_jax import merge_methods as mm
+from dem_jax.merge import kernels as mm
 
 # Ten distinct magnitudes; ascending |x| order (index: value):
 #   7: 0.02, 3: -0.05, 0: 0.1, 5: -0.2, 2: 0.3, 8: -0.4, 1: -0.5, 9: 0.6, 6: 0.7, 4: 0.9

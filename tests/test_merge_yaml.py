@@ -14,10 +14,10 @@ from safetensors.numpy import load_file
 from test_merge import leaves, make_family
 
 import dem_jax
-from dem_jax import merge as M
 from dem_jax.commands import merge as merge_cmd
 from dem_jax.errors import DemError
-from dem_jax.mergekit_config import load_merge_config
+from dem_jax.merge import engine as M
+from dem_jax.merge.config import load_merge_config
 
 
 @pytest.fixture(scope="module")

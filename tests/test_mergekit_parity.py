@@ -19,7 +19,7 @@ import yaml
 from safetensors.numpy import load_file
 from test_merge import make_family
 
-from dem_jax.merge import merge_from_config
+from dem_jax.merge.engine import merge_from_config
 
 TOL = 1e-6
 

@@ -10,17 +10,17 @@ from test_pipeline import TINY_DATA, mini_config
 
 import dem_jax
 from dem_jax.cli import main
-from dem_jax.config import DataConfig, ModelConfig
+from dem_jax.config.loader import load_run_config
+from dem_jax.config.run import DataConfig, ModelConfig
 from dem_jax.data.pipeline import Split, mixture_weights
 from dem_jax.data.records import read_jsonl
 from dem_jax.data.tokenize import load_tokenizer
 from dem_jax.errors import DemError
-from dem_jax.fisher import diagonal_fisher, fisher_merge
-from dem_jax.layout import RunLayout
-from dem_jax.regmean import gram_matrices, regmean_merge
-from dem_jax.score import encode_records, pad_batches
-from dem_jax.taskpgm import taskpgm_proportions
-from dem_jax.yaml_config import load_run_config
+from dem_jax.io.run_layout import RunLayout
+from dem_jax.merge.methods.fisher import diagonal_fisher, fisher_merge
+from dem_jax.merge.methods.regmean import gram_matrices, regmean_merge
+from dem_jax.mixture.taskpgm import taskpgm_proportions
+from dem_jax.search.score import encode_records, pad_batches
 
 NAMES = ("reverse", "sort")
 TINY_MODEL = ModelConfig(

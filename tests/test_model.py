@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import dem_jax
-from dem_jax import model as model_lib
 from dem_jax.errors import DemError
+from dem_jax.model import transformer as model_lib
 
 CONFIG = dem_jax.ModelConfig(
     vocab_size=67,

@@ -13,9 +13,10 @@ import yaml
 
 import dem_jax
 from dem_jax import cli
-from dem_jax.config import MeshConfig, ModelConfig, TrainConfig
+from dem_jax.config.loader import load_run_config
+from dem_jax.config.run import MeshConfig, ModelConfig, TrainConfig
 from dem_jax.errors import DemError
-from dem_jax.plan import (
+from dem_jax.plan.memory import (
     KNOWN_ARCHITECTURES,
     TPU_GENERATIONS,
     GiB,
@@ -25,7 +26,6 @@ from dem_jax.plan import (
     plan_memory,
     sharded_param_elements,
 )
-from dem_jax.yaml_config import load_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -265,8 +265,8 @@ def _bytes_on(tree, device) -> int:
 def sharded_state():
     """Parameters placed by dem_jax.sharding's rules on 8 devices, the trainer's AdamW
     state for them, and the plan."""
-    from dem_jax.model import param_shapes
-    from dem_jax.sharding import param_shardings
+    from dem_jax.model.transformer import param_shapes
+    from dem_jax.sharding.rules import param_shardings
     from dem_jax.train.optimizer import make_optimizer
     from dem_jax.train.step import init_state
 
@@ -312,7 +312,7 @@ def test_plan_against_xla_buffer_assignment(remat, rows, accum):
     """Compile the real train step (abstract inputs, nothing allocated) and compare the
     plan with XLA's peak: arguments + outputs - donated aliases + temporaries. Float32
     compute, since XLA:CPU keeps bfloat16 intermediates in float32."""
-    from dem_jax.model import param_shapes
+    from dem_jax.model.transformer import param_shapes
     from dem_jax.train.optimizer import make_optimizer
     from dem_jax.train.step import train_step
 

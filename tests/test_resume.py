@@ -15,7 +15,7 @@ import pytest
 from fake_gcs import bucket, gcs_server  # noqa: F401  (fixtures)
 from train_helpers import TINY, cli_env, dem_jax_cmd, load_params, run_cli
 
-from dem_jax import storage
+from dem_jax.io import storage
 
 STEPS = 24
 COMMON = [

@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 
 from dem_jax.errors import DemError
-from dem_jax.hf.safetensors_io import (
+from dem_jax.io.hf.safetensors_io import (
     DTYPES,
     SafetensorsCheckpoint,
     SafetensorsFile,

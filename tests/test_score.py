@@ -10,7 +10,7 @@ from hf_models import save_hf_model
 import dem_jax
 from dem_jax import cli
 from dem_jax.data.tokenize import load_tokenizer
-from dem_jax.score import encode_records, score_model, score_rows
+from dem_jax.search.score import encode_records, score_model, score_rows
 
 TEXT = [
     {"text": "w5 w7 w9 w11 w13"},
@@ -182,7 +182,7 @@ def test_bad_input_exits_2_with_one_line(setup, capsys, tmp_path, case):
 
 
 def test_one_compile_for_every_batch_and_set(setup):
-    from dem_jax import score as score_lib
+    from dem_jax.search import score as score_lib
 
     root, _ = setup
     model = dem_jax.load_model(root / "hf")

@@ -11,19 +11,13 @@ from hf_models import save_hf_model
 
 import dem_jax
 from dem_jax import cli
-from dem_jax.config import SearchConfig
+from dem_jax.config.run import SearchConfig
 from dem_jax.data.tokenize import load_tokenizer
-from dem_jax.layout import RunLayout
-from dem_jax.model import param_shapes
-from dem_jax.modeldir import Model
-from dem_jax.score import encode_records, score_model
-from dem_jax.search import (
-    MergeScorer,
-    layer_leaves,
-    merge_params,
-    objective_value,
-    run_search,
-)
+from dem_jax.io.modeldir import Model
+from dem_jax.io.run_layout import RunLayout
+from dem_jax.model.transformer import param_shapes
+from dem_jax.search.run import MergeScorer, layer_leaves, merge_params, objective_value, run_search
+from dem_jax.search.score import encode_records, score_model
 
 NAMES = ("alpha", "beta")
 
@@ -208,8 +202,8 @@ def test_grid_returns_argmin_of_its_table(grid_run):
 
 
 def validation_sets(run_dir):
-    from dem_jax.search import validation_records
-    from dem_jax.yaml_config import load_run_config
+    from dem_jax.config.loader import load_run_config
+    from dem_jax.search.run import validation_records
 
     run = load_run_config(run_dir / "run.yaml")
     return {name: validation_records(run, name) for name in NAMES}
@@ -295,9 +289,9 @@ def test_bad_input_exits_2_with_one_line(run_dir, capsys, case):
 
 
 def test_saved_vectors_are_used_when_present(run_dir, tmp_path):
-    from dem_jax import vectors as vectors_lib
-    from dem_jax.search import load_vectors
-    from dem_jax.yaml_config import load_run_config
+    from dem_jax.config.loader import load_run_config
+    from dem_jax.search.run import load_vectors
+    from dem_jax.vectors import vector as vectors_lib
 
     base = dem_jax.load_model(run_dir / "hf")
     layout = RunLayout(tmp_path)  # vectors only: no fine-tuned models in this run

@@ -8,7 +8,7 @@ from jax.sharding import PartitionSpec as P
 
 import dem_jax
 from dem_jax.errors import DemError
-from dem_jax.sharding import logical_to_spec, make_mesh
+from dem_jax.sharding.rules import logical_to_spec, make_mesh
 
 
 @pytest.fixture(scope="module")

@@ -10,14 +10,14 @@ import pytest
 from train_helpers import ROOT, load_params, tiny_config
 
 import dem_jax
-from dem_jax.config import TrainConfig
+from dem_jax.config.loader import load_run_config
+from dem_jax.config.run import TrainConfig
 from dem_jax.data.pipeline import load_splits
 from dem_jax.data.tokenize import load_tokenizer
 from dem_jax.errors import DemError
 from dem_jax.train.loop import run_training
 from dem_jax.train.optimizer import learning_rate_schedule
 from dem_jax.train.step import init_state, train_step
-from dem_jax.yaml_config import load_run_config
 
 
 def unigram_nll(train_rows, val_rows, vocab: int) -> float:
@@ -48,7 +48,7 @@ def test_tiny_model_learns_synthetic_task(tmp_path):
 
 def run_initial_eval(cfg) -> float:
     """Validation NLL of the run's (saved) base model."""
-    from dem_jax.losses import batch_nll
+    from dem_jax.model.losses import batch_nll
 
     base = dem_jax.load_model(Path(cfg.output_dir) / "models" / "base")
     tokenizer = load_tokenizer(cfg.data.tokenizer)

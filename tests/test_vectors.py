@@ -13,8 +13,8 @@ from test_merge import leaves, make_family
 import dem_jax
 from dem_jax.commands import vectors as vectors_cmd
 from dem_jax.errors import DemError
-from dem_jax.hf.weights import tensor_maps
-from dem_jax.vectors import (
+from dem_jax.io.hf.weights import tensor_maps
+from dem_jax.vectors.vector import (
     check_compatible,
     distribution_vector,
     get_leaf,

@@ -10,8 +10,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from dem_jax.config import ModelConfig
-from dem_jax.yaml_config import load_run_config
+from dem_jax.config.loader import load_run_config
+from dem_jax.config.run import ModelConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "configs" / "tiny.yaml"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from dem_jax import storage
 from dem_jax.errors import DemError
+from dem_jax.io import storage
 
 
 def register(sub) -> None:
@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     """Load SRC, write DST in the other format."""
     from dem_jax.api import load_model, save_model
     from dem_jax.cli import log, parse_mesh, parse_size
-    from dem_jax.modeldir import model_format
+    from dem_jax.io.modeldir import model_format
 
     want = "hf" if args.direction == "hf-to-orbax" else "orbax"
     found = model_format(args.src)

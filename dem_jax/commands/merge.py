@@ -15,7 +15,7 @@ import time
 def cmd_merge(args: argparse.Namespace) -> int:
     """Merge as MERGE.yaml says and write the result to --out."""
     from dem_jax.cli import parse_mesh, parse_size
-    from dem_jax.merge import merge_from_config
+    from dem_jax.merge.engine import merge_from_config
 
     start = time.perf_counter()
     out = merge_from_config(

@@ -30,8 +30,8 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     """Compute and write the proportions; print them as JSON."""
     from dem_jax.cli import log
+    from dem_jax.config.loader import load_run_config
     from dem_jax.pipeline.data_stages import taskpgm_from_config
-    from dem_jax.yaml_config import load_run_config
 
     cfg = load_run_config(args.config, args.overrides)
     found = taskpgm_from_config(cfg, progress=log)

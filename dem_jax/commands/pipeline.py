@@ -21,8 +21,8 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run the pipeline and print the summary table."""
     from dem_jax.cli import log
+    from dem_jax.config.loader import load_run_config
     from dem_jax.pipeline import run_pipeline
-    from dem_jax.yaml_config import load_run_config
 
     result = run_pipeline(load_run_config(args.config, args.overrides), log=log)
     print(result.summary)

@@ -38,7 +38,7 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Print the plan; 0 if it fits, 2 (with the reason on stderr) if not."""
-    from dem_jax.plan import plan_json, plan_run
+    from dem_jax.plan.memory import plan_json, plan_run
 
     plan = plan_run(args.config, args.overrides, args.slice, args.model_config)
     print(plan_json(plan) if args.json else plan.format_table())

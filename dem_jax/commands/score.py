@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     from dem_jax.api import load_model
     from dem_jax.cli import log, parse_mesh
     from dem_jax.data.records import read_jsonl
-    from dem_jax.score import check_batch_size, format_table, score_model
+    from dem_jax.search.score import check_batch_size, format_table, score_model
 
     datasets = parse_data(args.data)
     if args.seq_len < 2:
@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
         add_eos=not args.no_eos,
         progress=log,
     )
-    from dem_jax.distributed import is_main_process
+    from dem_jax.sharding.distributed import is_main_process
 
     if not is_main_process():  # every process computed the same scores; one prints them
         return 0

@@ -31,9 +31,9 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     """Search, then report the chosen omega and its scores."""
     from dem_jax.cli import log
-    from dem_jax.layout import RunLayout
-    from dem_jax.search import omega_dict, search_from_config
-    from dem_jax.yaml_config import load_run_config
+    from dem_jax.config.loader import load_run_config
+    from dem_jax.io.run_layout import RunLayout
+    from dem_jax.search.run import omega_dict, search_from_config
 
     cfg = load_run_config(args.config, args.overrides)
     result = search_from_config(cfg, progress=log, save_merged=not args.no_merged_model)

@@ -32,9 +32,9 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     """Train and report where the model went."""
     from dem_jax.cli import log
-    from dem_jax.layout import MIXTURE
+    from dem_jax.config.loader import load_run_config
+    from dem_jax.io.run_layout import MIXTURE
     from dem_jax.train.loop import Preempted, run_training
-    from dem_jax.yaml_config import load_run_config
 
     cfg = load_run_config(args.config, args.overrides)
     name = MIXTURE if args.mixture else args.distribution

@@ -14,9 +14,9 @@ import re
 import sys
 import time
 
-from dem_jax import storage
-from dem_jax.distributed import is_main_process
 from dem_jax.errors import DemError
+from dem_jax.io import storage
+from dem_jax.sharding.distributed import is_main_process
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 DIAGNOSTICS_FILE = "diagnostics.json"
@@ -42,7 +42,7 @@ def cmd_vectors(args: argparse.Namespace) -> int:
     """Compute, save and diagnose one vector per --model."""
     from dem_jax.api import load_model
     from dem_jax.cli import parse_mesh
-    from dem_jax.vectors import (
+    from dem_jax.vectors.vector import (
         distribution_vector,
         format_diagnostics,
         save_vector,

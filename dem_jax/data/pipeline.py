@@ -20,12 +20,12 @@ import grain
 import jax
 import numpy as np
 
-from dem_jax import storage
-from dem_jax.config import DataConfig
+from dem_jax.config.run import DataConfig
 from dem_jax.data.packing import empty_row, make_rows, stack_rows
 from dem_jax.data.records import read_jsonl, split_validation
 from dem_jax.data.tokenize import encode_record
 from dem_jax.errors import DemError
+from dem_jax.io import storage
 
 
 @dataclass

@@ -11,8 +11,8 @@ import json
 import os
 from typing import Any
 
-from dem_jax import storage
 from dem_jax.errors import DemError
+from dem_jax.io import storage
 
 
 def check_record(record: Any, where: str) -> dict[str, Any]:

@@ -8,8 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from dem_jax import storage
 from dem_jax.errors import DemError
+from dem_jax.io import storage
 
 
 def load_tokenizer(path: str | os.PathLike | None):

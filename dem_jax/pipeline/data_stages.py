@@ -16,23 +16,23 @@ from typing import Any
 import jax
 import numpy as np
 
-from dem_jax import storage
 from dem_jax.api import load_model
-from dem_jax.config import RunConfig
+from dem_jax.config.run import RunConfig
 from dem_jax.data.pipeline import distribution_records
-from dem_jax.data_merge import data_merge_params, record_batches
-from dem_jax.distributed import is_main_process
 from dem_jax.errors import DemError
-from dem_jax.layout import RunLayout
-from dem_jax.mergekit_config import DATA_METHODS, DataOptions
-from dem_jax.modeldir import Model, atomic_directory
+from dem_jax.io import storage
+from dem_jax.io.modeldir import Model, atomic_directory
+from dem_jax.io.run_layout import RunLayout
+from dem_jax.merge.config import DATA_METHODS, DataOptions
+from dem_jax.merge.with_data import data_merge_params, record_batches
+from dem_jax.sharding.distributed import is_main_process
 
 FISHER_MERGES = DATA_METHODS  # pipeline baselines built here: fisher, regmean
 
 
 def finetuned_models(run: RunConfig, names: list[str], mesh=None) -> list[Model]:
     """The fine-tuned model of each distribution, float32, all of one architecture."""
-    from dem_jax.vectors import check_compatible
+    from dem_jax.vectors.vector import check_compatible
 
     layout = RunLayout(run.output_dir)
     models = []
@@ -72,7 +72,7 @@ def validation_batches(
 
 
 def _tokenizer(run: RunConfig, model: Model):
-    from dem_jax.score import resolve_tokenizer
+    from dem_jax.search.score import resolve_tokenizer
 
     return resolve_tokenizer(run.data.tokenizer, model)
 
@@ -89,7 +89,7 @@ def taskpgm_from_config(run: RunConfig, mesh=None, progress=None) -> dict[str, A
     ``pmi`` and ``jsd``) and ``heatmap.png`` (the measure used). Returns what was
     written, with ``"path"`` the directory.
     """
-    from dem_jax.taskpgm import similarity_jsd, similarity_pmi, taskpgm_proportions
+    from dem_jax.mixture.taskpgm import similarity_jsd, similarity_pmi, taskpgm_proportions
 
     t = run.pipeline.taskpgm
     names = sorted(run.data.distributions)
@@ -128,7 +128,7 @@ def taskpgm_from_config(run: RunConfig, mesh=None, progress=None) -> dict[str, A
 
 def _heatmap(S: np.ndarray, names: list[str], p: np.ndarray, measure: str, path: Path) -> None:
     """The similarity matrix, annotated, with the proportions in the title."""
-    from dem_jax.plots import _pyplot
+    from dem_jax.search.plots import _pyplot
 
     plt = _pyplot()
     if plt is None:  # matplotlib is optional; the JSON files carry everything
@@ -165,7 +165,7 @@ def fisher_regmean_params(
     if kind not in FISHER_MERGES:
         raise DemError(f"unknown data-aware merge {kind!r} (known: {', '.join(FISHER_MERGES)})")
     if mesh is not None:
-        from dem_jax.score import check_batch_size
+        from dem_jax.search.score import check_batch_size
 
         check_batch_size(run.search.batch_size, mesh, "search.batch_size")
     models = finetuned_models(run, names, mesh)

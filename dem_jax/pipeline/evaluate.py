@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from dem_jax.config import RunConfig
-from dem_jax.generate import answer_accuracy
-from dem_jax.modeldir import Model
-from dem_jax.score import score_model
+from dem_jax.config.run import RunConfig
+from dem_jax.io.modeldir import Model
+from dem_jax.model.generate import answer_accuracy
+from dem_jax.search.score import score_model
 
 
 def has_answers(records: list[dict[str, Any]]) -> bool:

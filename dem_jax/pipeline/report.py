@@ -7,8 +7,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from dem_jax import storage
-from dem_jax.distributed import is_main_process
+from dem_jax.io import storage
+from dem_jax.sharding.distributed import is_main_process
 
 
 def mean_log_ppl(evals: dict[str, dict[str, Any]], names: list[str]) -> float:

@@ -11,20 +11,20 @@ from typing import Any
 import jax
 import numpy as np
 
-from dem_jax import storage
 from dem_jax.api import load_model, save_model
-from dem_jax.config import BaseModelConfig, RunConfig
+from dem_jax.config.run import BaseModelConfig, RunConfig
 from dem_jax.data.pipeline import distribution_records, read_proportions
 from dem_jax.data.tokenize import load_tokenizer
-from dem_jax.distributed import initialize_from_env
-from dem_jax.flops import forward_flops, train_flops
-from dem_jax.layout import RunLayout
-from dem_jax.modeldir import Model
+from dem_jax.io import storage
+from dem_jax.io.modeldir import Model
+from dem_jax.io.run_layout import RunLayout
+from dem_jax.model.flops import forward_flops, train_flops
 from dem_jax.pipeline.data_stages import FISHER_MERGES, fisher_regmean_params, taskpgm_from_config
 from dem_jax.pipeline.evaluate import evaluate_model
 from dem_jax.pipeline.report import format_table, summary_rows, write_report
 from dem_jax.pipeline.state import StageState, fingerprint, model_stamp
-from dem_jax.sharding import make_mesh
+from dem_jax.sharding.distributed import initialize_from_env
+from dem_jax.sharding.rules import make_mesh
 from dem_jax.train.loop import run_training
 
 PRETRAIN = "pretrain"
@@ -136,7 +136,7 @@ def _taskpgm(cfg: RunConfig, names: list[str], layout: RunLayout, state: StageSt
 
 
 def _vectors(base: Model, names: list[str], layout: RunLayout, state: StageState, log):
-    from dem_jax.vectors import distribution_vector, save_vector
+    from dem_jax.vectors.vector import distribution_vector, save_vector
 
     for name in names:
         fp = fingerprint(model_stamp(layout.model(name)), base.config.to_dict())
@@ -152,7 +152,7 @@ def _vectors(base: Model, names: list[str], layout: RunLayout, state: StageState
 
 def _baselines(cfg, scorer, base: Model, names, layout: RunLayout, state, log) -> dict:
     """Merges over the same vectors; each saved under models/<baseline>."""
-    from dem_jax.merge import MergeInput, merge
+    from dem_jax.merge.engine import MergeInput, merge
 
     p = cfg.pipeline
     stamps = [model_stamp(layout.vector(n)) for n in names]
@@ -218,7 +218,7 @@ def _baselines(cfg, scorer, base: Model, names, layout: RunLayout, state, log) -
 
 def run_pipeline(cfg: RunConfig, log=print) -> PipelineResult:
     """Run every stage (skipping completed ones) and write the report."""
-    from dem_jax.search import build_scorer, search_from_config
+    from dem_jax.search.run import build_scorer, search_from_config
 
     initialize_from_env()
     start = time.perf_counter()

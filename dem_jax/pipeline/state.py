@@ -14,8 +14,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from dem_jax import storage
-from dem_jax.distributed import is_main_process
+from dem_jax.io import storage
+from dem_jax.sharding.distributed import is_main_process
 
 
 def fingerprint(*parts: Any) -> str:

@@ -12,8 +12,8 @@ from typing import Any
 
 import orbax.checkpoint as ocp
 
-from dem_jax import storage
 from dem_jax.errors import DemError
+from dem_jax.io import storage
 
 
 class TrainCheckpoints:

@@ -20,9 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dem_jax import storage
 from dem_jax.api import init_model, load_model, save_model
-from dem_jax.config import ModelConfig, RunConfig
+from dem_jax.config.run import ModelConfig, RunConfig
 from dem_jax.data.pipeline import (
     BatchIterator,
     eval_batches,
@@ -32,15 +31,16 @@ from dem_jax.data.pipeline import (
     train_dataset,
 )
 from dem_jax.data.tokenize import load_tokenizer
-from dem_jax.distributed import initialize_from_env
 from dem_jax.errors import DemError
-from dem_jax.layout import MIXTURE, RunLayout
-from dem_jax.modeldir import Model
-from dem_jax.progress import Progress
-from dem_jax.sharding import batch_sharding, make_mesh
+from dem_jax.io import storage
+from dem_jax.io.modeldir import Model
+from dem_jax.io.run_layout import MIXTURE, RunLayout
+from dem_jax.sharding.distributed import initialize_from_env
+from dem_jax.sharding.rules import batch_sharding, make_mesh
 from dem_jax.train.checkpointing import TrainCheckpoints
 from dem_jax.train.metrics import MetricsWriter
 from dem_jax.train.optimizer import make_optimizer
+from dem_jax.train.progress import Progress
 from dem_jax.train.step import eval_step, init_state, train_step
 
 

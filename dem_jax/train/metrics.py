@@ -11,7 +11,7 @@ from typing import Any
 
 import jax
 
-from dem_jax import storage
+from dem_jax.io import storage
 
 
 class MetricsWriter:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import optax
 
-from dem_jax.config import TrainConfig
+from dem_jax.config.run import TrainConfig
 
 
 def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:

@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dem_jax.config import ModelConfig
-from dem_jax.losses import batch_nll
+from dem_jax.config.run import ModelConfig
+from dem_jax.model.losses import batch_nll
 
 
 def init_state(params: dict[str, Any], tx: optax.GradientTransformation) -> dict[str, Any]:

@@ -1,0 +1,168 @@
+"""YAML run configs with dotted command-line overrides.
+
+    config = load_run_config("configs/tiny.yaml", ["train.steps=20", "data.seq_len=64"])
+
+Nested dataclasses are built from the YAML mapping by their type hints; an
+unknown key or a value of the wrong type is a DemError naming the file and the
+dotted field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dem_jax.config.run import RunConfig
+from dem_jax.errors import DemError
+
+
+def build(cls: type, data: Any, where: str) -> Any:
+    """Instantiate dataclass ``cls`` from a mapping, checking keys and types."""
+    if not isinstance(data, dict):
+        raise DemError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise DemError(
+            f"{where or 'top level'}: unknown key {unknown[0]!r} (known: {', '.join(fields)})"
+        )
+    kwargs = {k: _coerce(hints[k], v, _join(where, k)) for k, v in data.items()}
+    missing = [
+        name
+        for name, f in fields.items()
+        if name not in kwargs
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise DemError(f"{where or 'top level'}: missing required key {missing[0]!r}")
+    return cls(**kwargs)
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else str(key)
+
+
+def _coerce(hint: Any, value: Any, where: str) -> Any:
+    """Check ``value`` against a type hint, converting where YAML is looser (int -> float)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(option, value, where)
+            except DemError as e:
+                errors.append(str(e))
+        raise DemError(errors[0] if len(errors) == 1 else f"{where}: unexpected value {value!r}")
+    if dataclasses.is_dataclass(hint):
+        return build(hint, value, where)
+    if origin is dict:
+        key_type, value_type = typing.get_args(hint)
+        if not isinstance(value, dict):
+            raise DemError(f"{where}: expected a mapping, got {value!r}")
+        return {
+            _coerce(key_type, k, where): _coerce(value_type, v, _join(where, k))
+            for k, v in value.items()
+        }
+    if origin in (list, tuple):
+        if not isinstance(value, list | tuple):
+            raise DemError(f"{where}: expected a list, got {value!r}")
+        (item,) = typing.get_args(hint)[:1]
+        return origin(_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value))
+    if hint is Any:
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):
+        try:
+            return float(value)  # YAML reads "3e-4" as a string
+        except ValueError:
+            pass
+    if hint in (int, float, str, bool) and (
+        not isinstance(value, hint) or (hint is not bool and isinstance(value, bool))
+    ):
+        raise DemError(f"{where}: expected {hint.__name__}, got {value!r}")
+    return value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set ``a.b.c=value`` entries (values parsed as YAML) in a nested mapping."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise DemError(f"override {item!r}: expected key=value, e.g. train.steps=20")
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise DemError(f"override {item!r}: {part!r} is not a mapping")
+        node[parts[-1]] = yaml.safe_load(raw) if raw else None
+    return data
+
+
+def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """A YAML mapping from a file, with a DemError naming the file on failure."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise DemError(f"{path}: config file not found") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark else ""
+        raise DemError(f"{path}:{line} invalid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(data, dict):
+        raise DemError(f"{path}: expected a YAML mapping at the top level")
+    return data
+
+
+def resolve_paths(data: dict[str, Any], base: Path) -> None:
+    """Make the data file and model paths in a config relative to the config's folder."""
+
+    def fix(value):
+        # Absolute paths and URLs (gs://...) are taken as they are.
+        if value is None or os.path.isabs(value) or "://" in value:
+            return value
+        return str(base / value)
+
+    model = data.get("model")
+    if isinstance(model, dict) and isinstance(model.get("path"), str):
+        model["path"] = fix(model["path"])
+    dcfg = data.get("data")
+    if isinstance(dcfg, dict):
+        if isinstance(dcfg.get("tokenizer"), str):
+            dcfg["tokenizer"] = fix(dcfg["tokenizer"])
+        for dist in (dcfg.get("distributions") or {}).values():
+            if isinstance(dist, dict):
+                for key in ("train", "validation"):
+                    if isinstance(dist.get(key), str):
+                        dist[key] = fix(dist[key])
+    if isinstance(data.get("output_dir"), str):
+        data["output_dir"] = fix(data["output_dir"])
+
+
+def load_run_config(path: str | os.PathLike, overrides: list[str] | None = None) -> RunConfig:
+    """Read a run config YAML, apply overrides, validate. Relative paths in the
+    file are relative to the file's folder; paths in overrides are taken as given
+    relative to the current directory."""
+    path = Path(path)
+    data = load_yaml(path)
+    resolve_paths(data, path.parent)
+    apply_overrides(data, list(overrides or []))
+    try:
+        return build(RunConfig, data, "")
+    except DemError as e:
+        raise DemError(f"{path}: {e}") from None

@@ -1,0 +1,129 @@
+"""Hugging Face model directories: load onto a mesh, export from memory."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from dem_jax.errors import DemError
+from dem_jax.io import storage
+from dem_jax.io.hf.config import from_hf_config, to_hf_config
+from dem_jax.io.hf.safetensors_io import SafetensorsCheckpoint, ShardedSafetensorsWriter
+from dem_jax.io.hf.weights import check_checkpoint, hf_tensor_specs, iter_hf_tensors, read_params
+from dem_jax.io.modeldir import HF_CONFIG, Model, atomic_directory, copy_assets
+from dem_jax.sharding.rules import param_shardings
+
+DEFAULT_MAX_SHARD_BYTES = 5 * 2**30  # what transformers' save_pretrained used for years
+
+
+def read_json(path: storage.AnyPath) -> dict[str, Any]:
+    """A JSON object from a file, or a DemError naming the file."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DemError(f"{path}: file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DemError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise DemError(f"{path}: expected a JSON object")
+    return data
+
+
+def load_hf(directory: str | os.PathLike, mesh: Mesh | None = None, dtype: str | None = None):
+    """Load a Hugging Face directory onto ``mesh`` (or the default device).
+
+    Parameters keep the checkpoint's dtype unless ``dtype`` is given.
+    """
+    directory = storage.path(directory)
+    storage.check_complete(directory)
+    hf_config = read_json(directory / HF_CONFIG)
+    where = str(directory / HF_CONFIG)
+    with SafetensorsCheckpoint(directory) as ckpt:
+        config = from_hf_config(hf_config, where)
+        if "model.embed_tokens.weight" not in ckpt:
+            raise DemError(f"{directory}: missing tensor model.embed_tokens.weight")
+        stored = str(jnp.dtype(ckpt.dtype("model.embed_tokens.weight")))
+        param_dtype = dtype or stored
+        config = config.replace(param_dtype=param_dtype, dtype=param_dtype)
+        check_checkpoint(ckpt, config, str(directory))
+        _check_tokenizer(directory, config)
+        params = read_params(ckpt, config, param_shardings(config, mesh))
+    return Model(config, params, hf_config=hf_config, assets_dir=directory)
+
+
+def _check_tokenizer(directory: storage.AnyPath, config) -> None:
+    """A tokenizer with more tokens than the embedding has rows would index out of range."""
+    tok_file = directory / "tokenizer.json"
+    if not tok_file.is_file():
+        return
+    from tokenizers import Tokenizer
+
+    try:
+        tokenizer = Tokenizer.from_file(str(storage.local_copy(tok_file)))
+        size = tokenizer.get_vocab_size(with_added_tokens=True)
+    except Exception as e:  # the tokenizers library raises its own exception types
+        raise DemError(f"{tok_file}: cannot be read ({e})") from None
+    if size > config.vocab_size:
+        raise DemError(
+            f"{tok_file}: tokenizer has {size} tokens but the model's vocab_size is "
+            f"{config.vocab_size}"
+        )
+
+
+def save_hf(
+    model: Model,
+    out: str | os.PathLike,
+    dtype: str | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    overwrite: bool = False,
+) -> storage.AnyPath:
+    """Write ``model`` as a Hugging Face directory (sharded safetensors, config.json,
+    generation config and tokenizer files), atomically."""
+    config = model.config
+    if dtype is not None:
+        config = config.replace(param_dtype=dtype)
+    np_dtype = np.dtype(jnp.dtype(config.param_dtype))
+    hf_config = to_hf_config(config, model.hf_config)
+    specs = hf_tensor_specs(config, np_dtype)
+    with atomic_directory(out, overwrite) as tmp:
+        with hf_writer(tmp, specs, max_shard_bytes) as writer:
+            for name, array in iter_hf_tensors(model.params, config, np_dtype):
+                writer.write(name, array)
+        finish_hf_directory(tmp, hf_config, model.assets_dir)
+    return storage.path(out)
+
+
+class _Discard:
+    """The writer of processes other than 0: they gather every tensor with process 0
+    (a collective) but write nothing, so each file has exactly one writer."""
+
+    def write(self, name: str, array: Any) -> None:
+        del name, array
+
+    def __enter__(self) -> _Discard:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+def hf_writer(directory, specs, max_shard_bytes: int):
+    """A :class:`ShardedSafetensorsWriter` on process 0, a no-op writer elsewhere."""
+    if jax.process_index() == 0:
+        return ShardedSafetensorsWriter(directory, specs, max_shard_bytes)
+    return _Discard()
+
+
+def finish_hf_directory(directory, hf_config: dict[str, Any], assets_dir) -> None:
+    """Write config.json and copy the tokenizer/generation files (process 0 only)."""
+    if jax.process_index() != 0:
+        return
+    text = json.dumps(hf_config, indent=2, sort_keys=True) + "\n"
+    (storage.path(directory) / HF_CONFIG).write_text(text)
+    copy_assets(assets_dir, directory)

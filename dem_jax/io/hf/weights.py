@@ -1,0 +1,231 @@
+"""Hugging Face tensor names ⇄ dem-jax parameters.
+
+The key map is explicit (one :class:`TensorMap` per parameter) and every
+layout change is a transpose plus a reshape, so conversion is exact in both
+directions. Loading reads one tensor block at a time from the safetensors
+files and places it straight onto its device shard with
+``jax.make_array_from_callback``: each device reads only its own slice (of
+each layer), so a model larger than one device's memory loads onto a mesh.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import numpy as np
+
+from dem_jax.config.run import ModelConfig
+from dem_jax.errors import DemError
+from dem_jax.io.hf.safetensors_io import SafetensorsCheckpoint, TensorSpec
+from dem_jax.model.transformer import param_shapes
+
+# Tensors some checkpoints carry that hold no learned weights.
+_IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+
+
+@dataclass(frozen=True)
+class TensorMap:
+    """How one dem-jax parameter is stored in a Hugging Face checkpoint.
+
+    The HF tensor, transposed if ``transpose``, is a matrix whose rows
+    flatten our first ``split`` (per-layer) dimensions and whose columns
+    flatten the rest (a vector when ``split`` covers every dimension).
+    """
+
+    path: tuple[str, ...]  # key path in the params dict
+    hf_name: str  # contains "{i}" for per-layer tensors
+    transpose: bool
+    split: int
+
+    @property
+    def stacked(self) -> bool:
+        return "{i}" in self.hf_name
+
+
+def tensor_maps(config: ModelConfig) -> list[TensorMap]:
+    """The key map for a config, in the order tensors are exported."""
+    layer = "model.layers.{i}."
+    maps = [TensorMap(("embed", "embedding"), "model.embed_tokens.weight", False, 1)]
+    for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        is_o = proj == "o_proj"
+        maps.append(
+            TensorMap(
+                ("layers", "attn", proj, "kernel"),
+                f"{layer}self_attn.{proj}.weight",
+                True,
+                2 if is_o else 1,
+            )
+        )
+        if config.o_bias if is_o else config.qkv_bias:
+            maps.append(
+                TensorMap(
+                    ("layers", "attn", proj, "bias"),
+                    f"{layer}self_attn.{proj}.bias",
+                    False,
+                    1 if is_o else 2,
+                )
+            )
+    maps += [
+        TensorMap(("layers", "mlp", p, "kernel"), f"{layer}mlp.{p}.weight", True, 1)
+        for p in ("gate_proj", "up_proj", "down_proj")
+    ]
+    maps += [
+        TensorMap(("layers", "attn_norm", "scale"), f"{layer}input_layernorm.weight", False, 1),
+        TensorMap(
+            ("layers", "mlp_norm", "scale"), f"{layer}post_attention_layernorm.weight", False, 1
+        ),
+        TensorMap(("final_norm", "scale"), "model.norm.weight", False, 1),
+    ]
+    if not config.tie_embeddings:
+        maps.append(TensorMap(("lm_head", "kernel"), "lm_head.weight", True, 1))
+    return maps
+
+
+def _get(tree: dict, path: tuple[str, ...]):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _set(tree: dict, path: tuple[str, ...], value) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def _hf_shape(tmap: TensorMap, our_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Shape of the HF tensor behind one layer's slice of a parameter."""
+    rows = math.prod(our_shape[: tmap.split])
+    if tmap.split == len(our_shape):
+        return (rows,)
+    cols = math.prod(our_shape[tmap.split :])
+    return (cols, rows) if tmap.transpose else (rows, cols)
+
+
+def _layer_shape(tmap: TensorMap, shape: tuple[int, ...]) -> tuple[int, ...]:
+    return shape[1:] if tmap.stacked else shape
+
+
+def _hf_names(tmap: TensorMap, config: ModelConfig) -> list[str]:
+    if tmap.stacked:
+        return [tmap.hf_name.format(i=i) for i in range(config.num_layers)]
+    return [tmap.hf_name]
+
+
+def check_checkpoint(ckpt: SafetensorsCheckpoint, config: ModelConfig, where: str) -> None:
+    """Every expected tensor present with the expected shape, and nothing unexpected."""
+    shapes = param_shapes(config)
+    expected: set[str] = set()
+    for tmap in tensor_maps(config):
+        hf_shape = _hf_shape(tmap, _layer_shape(tmap, _get(shapes, tmap.path).shape))
+        for name in _hf_names(tmap, config):
+            expected.add(name)
+            if name not in ckpt:
+                raise DemError(f"{where}: missing tensor {name}")
+            found = tuple(ckpt.shape(name))
+            if found != hf_shape:
+                hint = ""
+                if name == "model.embed_tokens.weight" and found[1:] == hf_shape[1:]:
+                    hint = f" (vocab mismatch: config.json vocab_size is {config.vocab_size})"
+                raise DemError(
+                    f"{where}: tensor {name} has shape {list(found)}, expected "
+                    f"{list(hf_shape)}{hint}"
+                )
+    if config.tie_embeddings:
+        expected.add("lm_head.weight")  # some tied checkpoints store the copy anyway
+    extra = sorted(k for k in ckpt if k not in expected and not k.endswith(_IGNORED_SUFFIXES))
+    if extra:
+        more = f" (+{len(extra) - 1} more)" if len(extra) > 1 else ""
+        raise DemError(
+            f"{where}: unexpected tensor {extra[0]}{more} for a {config.architecture} model"
+        )
+
+
+def _read_block(ckpt, tmap: TensorMap, name: str, shape: tuple[int, ...], index) -> np.ndarray:
+    """Our-layout block ``index`` (slices over ``shape``) of one HF tensor, reading
+    only the rows/columns that cover it."""
+    index = tuple(slice(*s.indices(n)) for s, n in zip(index, shape, strict=True))
+    a_dims, b_dims = shape[: tmap.split], shape[tmap.split :]
+    a0 = index[0]
+    a_inner = math.prod(a_dims[1:])
+    rows = slice(a0.start * a_inner, a0.stop * a_inner)
+    block_shape = [a0.stop - a0.start, *a_dims[1:]]
+    rest = [slice(None), *index[1 : tmap.split]]
+    if b_dims:
+        b0 = index[tmap.split]
+        b_inner = math.prod(b_dims[1:])
+        cols = slice(b0.start * b_inner, b0.stop * b_inner)
+        hf_index = (cols, rows) if tmap.transpose else (rows, cols)
+        block = ckpt.read(name, hf_index)
+        block = block.T if tmap.transpose else block
+        block_shape += [b0.stop - b0.start, *b_dims[1:]]
+        rest += [slice(None), *index[tmap.split + 1 :]]
+    else:
+        block = ckpt.read(name, (rows,))
+    return block.reshape(block_shape)[tuple(rest)]
+
+
+def read_params(
+    ckpt: SafetensorsCheckpoint, config: ModelConfig, shardings: dict[str, Any]
+) -> dict[str, Any]:
+    """Load every parameter onto its sharding, cast to ``config.param_dtype``."""
+    shapes = param_shapes(config)
+    params: dict[str, Any] = {}
+    for tmap in tensor_maps(config):
+        spec = _get(shapes, tmap.path)
+        target = np.dtype(spec.dtype)
+
+        def callback(index, tmap=tmap, shape=tuple(spec.shape), target=target):
+            if not tmap.stacked:
+                return _read_block(ckpt, tmap, tmap.hf_name, shape, index).astype(
+                    target, copy=False
+                )
+            layers = range(*index[0].indices(shape[0]))
+            blocks = [
+                _read_block(ckpt, tmap, tmap.hf_name.format(i=i), shape[1:], index[1:])
+                for i in layers
+            ]
+            return np.stack(blocks).astype(target, copy=False)
+
+        array = jax.make_array_from_callback(
+            tuple(spec.shape), _get(shardings, tmap.path), callback
+        )
+        _set(params, tmap.path, array)
+    return params
+
+
+def hf_tensor_specs(config: ModelConfig, dtype: np.dtype) -> list[TensorSpec]:
+    """Name, shape and dtype of every exported tensor, in export order."""
+    shapes = param_shapes(config)
+    specs = []
+    for tmap in tensor_maps(config):
+        hf_shape = _hf_shape(tmap, _layer_shape(tmap, _get(shapes, tmap.path).shape))
+        specs += [TensorSpec(n, hf_shape, np.dtype(dtype)) for n in _hf_names(tmap, config)]
+    return specs
+
+
+def _to_host(array: jax.Array) -> np.ndarray:
+    """The whole array on this host, also when it is sharded across processes."""
+    if not array.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+    return np.asarray(jax.device_get(array))
+
+
+def iter_hf_tensors(
+    params: dict[str, Any], config: ModelConfig, dtype: np.dtype
+) -> Iterator[tuple[str, np.ndarray]]:
+    """(name, array) of every HF tensor in export order; one parameter on the host at a time."""
+    for tmap in tensor_maps(config):
+        leaf = _to_host(_get(params, tmap.path)).astype(dtype, copy=False)
+        layers = leaf if tmap.stacked else leaf[None]
+        for name, layer in zip(_hf_names(tmap, config), layers, strict=True):
+            rows = math.prod(layer.shape[: tmap.split])
+            matrix = layer.reshape(rows, -1) if tmap.split < layer.ndim else layer.reshape(rows)
+            yield name, np.ascontiguousarray(matrix.T if tmap.transpose else matrix)
+        del leaf, layers

@@ -1,0 +1,241 @@
+"""Data-aware merges of whole models: Fisher-weighted averaging (:mod:`dem_jax.fisher`)
+and RegMean (:mod:`dem_jax.regmean`), each model's statistics taken on its own
+distribution's data.
+
+    batches = [record_batches(read_jsonl(f), tokenizer, DataOptions(), f) for f in files]
+    merged = data_merge_params("fisher", [m.params for m in models], config, batches)
+
+The one implementation behind ``dem-jax merge`` with ``merge_method: fisher`` or
+``regmean`` (dem-jax extensions of mergekit's YAML, see
+:mod:`dem_jax.mergekit_config`; :func:`merge_with_data`) and the pipeline's
+fisher / regmean baselines (:mod:`dem_jax.pipeline.data_stages`). Unlike the
+other methods these need every input whole (forward and backward passes over
+data), so the inputs are loaded onto the mesh rather than streamed leaf by leaf.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from dem_jax.errors import DemError
+from dem_jax.io import storage
+from dem_jax.io.hf.checkpoint import DEFAULT_MAX_SHARD_BYTES
+from dem_jax.merge.config import (
+    DEFAULT_FISHER_FLOOR,
+    DataOptions,
+    MergeRequest,
+    get_method,
+    resolve,
+)
+
+Batch = dict[str, np.ndarray]
+
+
+def record_batches(
+    records: Sequence[Mapping[str, Any]], tokenizer, options: DataOptions, where: str
+) -> list[Batch]:
+    """The first ``options.max_examples`` records (0 = all) as (B, T) batches of unpacked
+    rows (one document per row, as the Fisher's per-example definition needs; a longer
+    one split into rows), the last batch padded with rows without loss tokens.
+    DemError naming ``where`` when no row has a loss token."""
+    from dem_jax.search.score import encode_records, pad_batches
+
+    o = options
+    if o.max_examples:
+        records = records[: o.max_examples]
+    rows = encode_records(
+        records, tokenizer, o.seq_len, False, o.prompt_template, o.add_bos, o.add_eos
+    ).rows
+    if not any(r["loss_mask"].any() for r in rows):
+        raise DemError(f"{where}: no rows with loss tokens (records too short?)")
+    return pad_batches(rows, o.batch_size)
+
+
+def data_merge_params(
+    method: str,
+    params_list: Sequence[Any],
+    config,
+    batches: Sequence[Sequence[Mapping[str, Any]]],
+    *,
+    mesh: Mesh | None = None,
+    weights: Sequence[float] | None = None,
+    fisher_floor: float = DEFAULT_FISHER_FLOOR,
+    alpha: float = 0.9,
+    ridge: float = 1e-6,
+) -> Any:
+    """float32 merge of ``params_list`` (N models of one architecture, ``config``) by
+    ``method``, model i's statistics computed on ``batches[i]``.
+
+    ``"fisher"``: :func:`~dem_jax.fisher.diagonal_fisher` of each model, merged by
+    :func:`~dem_jax.fisher.fisher_merge` with per-model ``weights`` (default all 1)
+    and ``fisher_floor``. ``"regmean"``: :func:`~dem_jax.regmean.gram_matrices` of each
+    model, merged by :func:`~dem_jax.regmean.regmean_merge` with ``alpha`` and
+    ``ridge``. With ``mesh`` every pass runs sharded (parameters by the sharding
+    rules, batches over data*fsdp) and the result lies on the parameters' shardings.
+    """
+    from dem_jax.merge.methods.fisher import diagonal_fisher, fisher_merge
+    from dem_jax.merge.methods.regmean import gram_matrices, regmean_merge
+    from dem_jax.search.score import place_params
+    from dem_jax.sharding.rules import param_shardings
+
+    if len(params_list) != len(batches):
+        raise DemError(f"{method}: {len(params_list)} models but {len(batches)} data sets")
+    # Statistics come back on the mesh: the parameters they are merged with go there too.
+    params_list = [place_params(p, config, mesh) for p in params_list]
+    pairs = list(zip(params_list, batches, strict=True))
+    if method == "fisher":
+        fishers = [diagonal_fisher(p, config, b, mesh=mesh) for p, b in pairs]
+        merged = fisher_merge(params_list, fishers, weights, fisher_floor)
+    elif method == "regmean":
+        grams = [gram_matrices(p, config, b, mesh=mesh) for p, b in pairs]
+        merged = regmean_merge(params_list, grams, alpha=alpha, ridge=ridge)
+    else:
+        raise DemError(f"unknown data-aware merge {method!r} (known: fisher, regmean)")
+    if mesh is not None:
+        merged = jax.device_put(merged, param_shardings(config, mesh))
+    return merged
+
+
+# ------------------------------------------------------------------ MERGE.yaml
+
+
+def _scalar_parameters(req: MergeRequest) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """(per-model values, shared values) of the method's parameters, defaults filled in.
+    Settings are single numbers (checked when the YAML was parsed)."""
+    method = get_method(req.method)
+    if len(req.models) < method.min_models:
+        raise DemError(
+            f"merge_method {method.name} needs at least {method.min_models} models, "
+            f"got {len(req.models)}"
+        )
+    per_model = [
+        {
+            s.name: resolve(s, [settings, *req.parameters], "", 0.0, str(path))
+            for s in method.params
+            if s.per_model
+        }
+        for settings, path in zip(req.model_parameters, req.models, strict=True)
+    ]
+    shared = {
+        s.name: resolve(s, req.parameters, "", 0.0, "parameters")
+        for s in method.params
+        if not s.per_model
+    }
+    if method.name == "fisher":
+        if shared["fisher_floor"] <= 0:
+            raise DemError(f"parameters: fisher_floor must be > 0, got {shared['fisher_floor']}")
+        if not any(v["weight"] > 0 for v in per_model):
+            raise DemError("parameters: fisher needs at least one model with weight > 0")
+    return per_model, shared
+
+
+def _load_inputs(req: MergeRequest, mesh: Mesh | None) -> list:
+    """Every input model, on the mesh; all of one architecture."""
+    from dem_jax.api import load_model
+    from dem_jax.vectors.vector import check_compatible, is_vector_dir
+
+    models = []
+    for path in req.models:
+        if is_vector_dir(path):
+            raise DemError(
+                f"{path}: merge_method {req.method} needs model directories, not distribution "
+                "vectors (it runs each model on its data)"
+            )
+        models.append(load_model(path, mesh=mesh))
+        check_compatible(models[0].config, models[-1].config, str(req.models[0]), str(path))
+    return models
+
+
+def merge_with_data(
+    req: MergeRequest,
+    out: str | os.PathLike,
+    *,
+    format: str = "hf",
+    overwrite: bool = False,
+    mesh: Mesh | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> Path:
+    """Run a parsed MERGE.yaml whose method reads data (fisher, regmean) into ``out``.
+
+    Order, so that bad input fails before any weights are read: parameters, the
+    tokenizer (``tokenizer_source``, else ``base_model``, else the first model's;
+    the output carries its files), every data file tokenised into batches
+    (``req.data_options``), then the models (loaded on ``mesh``, rounded to
+    ``dtype`` when given, statistics in float32). The merge is cast to
+    ``out_dtype`` (default ``dtype``, else the inputs' promoted dtype) and written
+    complete-or-absent by :func:`dem_jax.merge.write_model`.
+    """
+    from dem_jax.data.records import read_jsonl
+    from dem_jax.data.tokenize import load_tokenizer
+    from dem_jax.io.modeldir import Model
+    from dem_jax.merge.engine import check_output, write_model
+    from dem_jax.search.score import check_batch_size
+
+    check_output(out, format, overwrite)
+    opts = req.data_options or DataOptions()
+    if mesh is not None:
+        check_batch_size(opts.batch_size, mesh, "batch_size")
+    per_model, shared = _scalar_parameters(req)
+    tokenizer_dir = req.tokenizer_source or req.base or req.models[0]
+    tokenizer = load_tokenizer(tokenizer_dir)
+    batches = [
+        record_batches(read_jsonl(path), tokenizer, opts, str(path)) for path in req.model_data
+    ]
+    models = _load_inputs(req, mesh)
+    config = models[0].config
+    top = max(int(b["tokens"].max()) for bs in batches for b in bs)
+    if top >= config.vocab_size:
+        raise DemError(
+            f"tokenizer {tokenizer_dir}: token id {top} in the data but the models' "
+            f"vocab_size is {config.vocab_size}"
+        )
+
+    def as_input(x):  # mergekit rounds its inputs to `dtype` when loading
+        return (x.astype(req.dtype) if req.dtype else x).astype(jnp.float32)
+
+    stored = functools.reduce(jnp.promote_types, [jnp.dtype(m.config.param_dtype) for m in models])
+    params = [jax.tree.map(as_input, m.params) for m in models]
+    del models[1:]  # only the first's config and assets are kept
+    merged = data_merge_params(
+        req.method,
+        params,
+        config.replace(param_dtype="float32", dtype="float32"),
+        batches,
+        mesh=mesh,
+        weights=[v["weight"] for v in per_model] if req.method == "fisher" else None,
+        fisher_floor=shared.get("fisher_floor", DEFAULT_FISHER_FLOOR),
+        alpha=shared.get("alpha", 0.9),
+        ridge=shared.get("ridge", 1e-6),
+    )
+    del params
+    out_dtype = req.out_dtype or req.dtype or str(stored)
+    metadata = {
+        "merge": {
+            "method": req.method,
+            "base": None if req.base is None else str(req.base),
+            "models": [str(p) for p in req.models],
+            "data": [str(p) for p in req.model_data],
+            "parameters": {"models": per_model, **shared},
+            "data_options": dataclasses.asdict(opts),
+        }
+    }
+    model = Model(
+        config.replace(param_dtype=out_dtype),
+        jax.tree.map(lambda x: x.astype(out_dtype), merged),
+        models[0].hf_config,
+        storage.path(tokenizer_dir),
+        metadata,
+    )
+    return write_model(
+        model, out, format=format, overwrite=overwrite, max_shard_bytes=max_shard_bytes
+    )

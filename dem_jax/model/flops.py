@@ -1,0 +1,24 @@
+"""FLOP counts for cost accounting and benchmarks.
+
+Matmul FLOPs (2 per multiply-add) of the model as implemented: attention
+scores are computed over the full T x T square and then masked. A training
+step costs a forward and a backward pass, counted as 3 forward passes.
+"""
+
+from __future__ import annotations
+
+from dem_jax.config.run import ModelConfig
+
+
+def forward_flops(c: ModelConfig, batch: int, length: int) -> float:
+    """Matmul FLOPs of one forward pass over ``batch`` rows of ``length`` tokens."""
+    d, f, h, k, hd = c.hidden_size, c.intermediate_size, c.num_heads, c.num_kv_heads, c.head_dim
+    per_token = 2 * (d * h * hd * 2 + d * k * hd * 2 + 3 * d * f) * c.num_layers
+    per_token += 2 * d * c.vocab_size  # output projection
+    attention = 2 * 2 * h * hd * length * length * c.num_layers  # q k^T and p v, per row
+    return float(batch * (length * per_token + attention))
+
+
+def train_flops(c: ModelConfig, batch: int, length: int, steps: int = 1) -> float:
+    """FLOPs of ``steps`` training steps (forward + backward = 3 forwards)."""
+    return 3.0 * forward_flops(c, batch, length) * steps

@@ -1,0 +1,555 @@
+"""Will a run config fit on a TPU slice? A per-device memory plan, without weights.
+
+    dem-jax plan configs/tpu/openllama-7b-v4-32.yaml
+    dem-jax plan my.yaml --slice v5p-32 --model-config openllama-7b train.grad_accum=4
+
+Everything is counted per device (one JAX device: a chip on v4, v5e, v5p and
+v6e, a TensorCore on v2/v3) and follows the trainer in :mod:`dem_jax.train`:
+
+* **Parameters** in ``train.param_dtype``, each one sharded by the real rules
+  of :mod:`dem_jax.sharding` (width over ``fsdp``; heads, MLP width and
+  vocabulary over ``tensor``; a dimension the axis does not divide stays
+  replicated). ``train.param_dtype`` *is* the master copy: there is no second
+  float32 copy.
+* **AdamW moments**: two per parameter in the parameters' dtype (``optax.adamw``
+  with its default ``mu_dtype``, see :mod:`dem_jax.train.optimizer`), sharded
+  like the parameters.
+* **Gradients**: one per parameter in the parameters' dtype, plus the
+  accumulator when ``train.grad_accum > 1``.
+* **Gathered weights** (transient): FSDP all-gathers a layer's weights before
+  using them; two layers at once (the one in use and the next, prefetched),
+  plus the embedding and output matrices, in ``train.compute_dtype``, each still
+  split over ``tensor``.
+* **Activations** for one micro-batch of ``b = batch_size / grad_accum /
+  (data × fsdp)`` rows of ``T = data.seq_len`` tokens per device, ``c`` bytes
+  per compute-dtype element, ``H, K, F, V`` divided by ``tensor`` where it
+  divides them. The attention is materialised (see :mod:`dem_jax.model`), so
+  what one decoder layer keeps for its backward pass is::
+
+      A_layer = b·T·(D·(4c + 8) + (H + 2K)·Dh·c + H·Dh·c + 5·F·c) + b·T·T·H·(5 + c)
+
+  (the residual; each RMSNorm's float32 input and its output; q, k, v; the
+  attention output; gate, sigmoid(gate), silu(gate), up and their product;
+  per attention score the float32 softmax, the compute-dtype probabilities and
+  the boolean mask). The loss head keeps ``A_head = b·T·(D·(4 + c) + V·(c + 8))``
+  (final norm; logits in the compute dtype and in float32; the float32
+  softmax). In total::
+
+      without remat:  (L + 1)·A_layer + A_head     (all layers, and gradients in flight)
+      with remat:     L·b·T·D·c + A_layer + A_head (layer inputs; one layer recomputed)
+
+  tests/test_plan.py compiles the real train step and checks the whole plan
+  against XLA's own buffer assignment: it lands at or up to ~15% above it.
+
+The plan fits when the sum stays under ``1 - RESERVE`` of the device's HBM;
+the reserve covers XLA scratch space, fragmentation and the runtime.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dem_jax.config.run import MeshConfig, ModelConfig, RunConfig, TrainConfig
+from dem_jax.errors import DemError
+from dem_jax.sharding.rules import MESH_AXES
+
+GiB = 2**30
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+RESERVE = 0.10  # fraction of HBM kept back for XLA scratch, fragmentation and the runtime
+
+
+# --------------------------------------------------------------------------
+# TPU slices
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TpuGeneration:
+    """One TPU generation, as Cloud TPU names and sizes its slices."""
+
+    name: str  # accelerator-type prefix, e.g. "v5litepod"
+    hbm_per_device: int  # bytes of HBM one JAX device sees
+    suffix_counts: str  # what the number in "v4-8" counts: "cores" or "chips"
+    cores_per_chip: int
+    devices_per_chip: int  # JAX devices per chip (1 with megacore, v4/v5p)
+    chips_per_host: int  # chips per TPU VM of a multi-host slice
+    runtime_version: str  # the TPU software version for JAX on this generation
+
+
+# Cloud TPU documentation: v4 32 GiB HBM per chip, 2 TensorCores as one device
+# (v4-8 = 8 cores = 4 chips); v5e "v5litepod-N" counts chips, 16 GiB each; v5p
+# "v5p-N" counts cores (v5p-32 = 16 chips), 95 GiB per chip; v6e "v6e-N" counts
+# chips, 32 GiB each; v2/v3 count cores and each core is its own device.
+TPU_GENERATIONS: dict[str, TpuGeneration] = {
+    g.name: g
+    for g in (
+        TpuGeneration("v2", 8 * GiB, "cores", 2, 2, 4, "tpu-ubuntu2204-base"),
+        TpuGeneration("v3", 16 * GiB, "cores", 2, 2, 4, "tpu-ubuntu2204-base"),
+        TpuGeneration("v4", 32 * GiB, "cores", 2, 1, 4, "tpu-ubuntu2204-base"),
+        TpuGeneration("v5litepod", 16 * GiB, "chips", 1, 1, 8, "v2-alpha-tpuv5-lite"),
+        TpuGeneration("v5p", 95 * GiB, "cores", 2, 1, 4, "v2-alpha-tpuv5"),
+        TpuGeneration("v6e", 32 * GiB, "chips", 1, 1, 8, "v2-alpha-tpuv6e"),
+    )
+}
+GENERATION_ALIASES = {"v5e": "v5litepod"}
+
+
+@dataclass(frozen=True)
+class TpuSlice:
+    """A slice such as ``v4-32``: how many devices, hosts and bytes each."""
+
+    accelerator_type: str  # as gcloud spells it, e.g. "v5litepod-16"
+    generation: TpuGeneration
+    chips: int
+    devices: int
+    hosts: int
+
+    @property
+    def hbm_per_device(self) -> int:
+        """Bytes of HBM per JAX device."""
+        return self.generation.hbm_per_device
+
+
+def parse_slice(name: str) -> TpuSlice:
+    """``"v4-8"``, ``"v5litepod-16"`` (or ``"v5e-16"``), ``"v5p-32"``, ``"v6e-8"`` -> TpuSlice."""
+    m = re.fullmatch(r"\s*(v\d+[a-z]*)-(\d+)\s*", name.lower())
+    prefix = GENERATION_ALIASES.get(m.group(1), m.group(1)) if m else None
+    if prefix not in TPU_GENERATIONS:
+        known = ", ".join(f"{g}-N" for g in TPU_GENERATIONS)
+        raise DemError(f"--slice: unknown TPU slice {name!r} (known: {known}; v5e-N = v5litepod-N)")
+    gen = TPU_GENERATIONS[prefix]
+    count = int(m.group(2))
+    per_unit = gen.cores_per_chip if gen.suffix_counts == "cores" else 1
+    if count <= 0 or count % per_unit:
+        raise DemError(
+            f"--slice: {name!r}: {gen.name} slices count {gen.suffix_counts}, "
+            f"{per_unit} per chip, so the number must be a positive multiple of {per_unit}"
+        )
+    chips = count // per_unit
+    hosts = max(1, math.ceil(chips / gen.chips_per_host))
+    return TpuSlice(f"{gen.name}-{count}", gen, chips, chips * gen.devices_per_chip, hosts)
+
+
+# --------------------------------------------------------------------------
+# Architectures known without their weights
+# --------------------------------------------------------------------------
+
+# The architecture fields of each model's Hugging Face config.json
+# (openlm-research/open_llama_{3b,7b,13b}, meta-llama/Llama-2-7b-hf), mapped
+# through dem_jax.hf.config like any config.json.
+_LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu"}
+KNOWN_ARCHITECTURES: dict[str, dict[str, Any]] = {
+    "openllama-3b": {
+        **_LLAMA,
+        "vocab_size": 32000,
+        "hidden_size": 3200,
+        "intermediate_size": 8640,
+        "num_hidden_layers": 26,
+        "num_attention_heads": 32,
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-6,
+        "torch_dtype": "float16",
+    },
+    "openllama-7b": {
+        **_LLAMA,
+        "vocab_size": 32000,
+        "hidden_size": 4096,
+        "intermediate_size": 11008,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-6,
+        "torch_dtype": "float16",
+    },
+    "openllama-13b": {
+        **_LLAMA,
+        "vocab_size": 32000,
+        "hidden_size": 5120,
+        "intermediate_size": 13824,
+        "num_hidden_layers": 40,
+        "num_attention_heads": 40,
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-6,
+        "torch_dtype": "float16",
+    },
+    "llama-2-7b": {
+        **_LLAMA,
+        "vocab_size": 32000,
+        "hidden_size": 4096,
+        "intermediate_size": 11008,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "torch_dtype": "float16",
+    },
+}
+
+
+def known_architecture(name: str) -> ModelConfig:
+    """The ModelConfig of a built-in architecture (``openllama-7b``, ``llama-2-7b``, ...)."""
+    from dem_jax.io.hf.config import from_hf_config
+
+    if name not in KNOWN_ARCHITECTURES:
+        raise DemError(f"unknown architecture {name!r} (known: {', '.join(KNOWN_ARCHITECTURES)})")
+    return from_hf_config(KNOWN_ARCHITECTURES[name], where=f"architecture {name}")
+
+
+def read_model_config(source: str) -> ModelConfig:
+    """A ModelConfig from a known architecture name, a Hugging Face ``config.json``,
+    a ``dem_jax_model.json``, or a model directory holding either."""
+    from dem_jax.io.hf.checkpoint import read_json
+    from dem_jax.io.hf.config import from_hf_config
+    from dem_jax.io.modeldir import DEM_METADATA, HF_CONFIG
+
+    if source in KNOWN_ARCHITECTURES:
+        return known_architecture(source)
+    path = Path(source)
+    if path.is_dir():
+        for name in (DEM_METADATA, HF_CONFIG):
+            if (path / name).is_file():
+                path = path / name
+                break
+        else:
+            raise DemError(f"{source}: no {HF_CONFIG} or {DEM_METADATA} in this directory")
+    elif not path.is_file():
+        raise DemError(
+            f"{source}: not a file, a model directory or a known architecture "
+            f"({', '.join(KNOWN_ARCHITECTURES)})"
+        )
+    data = read_json(path)
+    if isinstance(data.get("model"), dict):  # dem_jax_model.json
+        return ModelConfig.from_dict(data["model"], where=f"{path}: model")
+    if "architectures" in data or "model_type" in data:
+        return from_hf_config(data, where=str(path))
+    return ModelConfig.from_dict(data, where=str(path))
+
+
+def resolve_model_config(
+    run: RunConfig, config_path: str | os.PathLike, model_config: str | None = None
+) -> tuple[ModelConfig, str]:
+    """The architecture a run trains, and where it came from.
+
+    In order: ``--model-config``; ``model.init``; ``model.arch``; a local
+    ``model.path``.
+    """
+    if model_config:
+        return read_model_config(model_config), model_config
+    if run.model.init is not None:
+        return ModelConfig.from_dict(dict(run.model.init), where="model.init"), "model.init"
+    if run.model.arch:
+        return known_architecture(run.model.arch), run.model.arch
+    path = run.model.path
+    if path and "://" not in path and Path(path).is_dir():
+        return read_model_config(path), path
+    raise DemError(
+        f"{config_path}: cannot read the architecture of model.path {path!r} here; "
+        f"pass --model-config with a config.json, a model directory or one of "
+        f"{', '.join(KNOWN_ARCHITECTURES)}"
+    )
+
+
+def resolve_slice(run: RunConfig, config_path: str | os.PathLike, name: str | None) -> TpuSlice:
+    """The slice to plan for: ``--slice``, else ``mesh.slice``."""
+    name = name or run.mesh.slice
+    if not name:
+        raise DemError(f"{config_path}: which TPU slice? pass --slice, e.g. --slice v4-8")
+    return parse_slice(name)
+
+
+# --------------------------------------------------------------------------
+# The plan
+# --------------------------------------------------------------------------
+
+
+def resolve_mesh(mesh: MeshConfig, devices: int) -> dict[str, int]:
+    """Mesh axis sizes on ``devices`` devices, with one -1 taking the rest (as make_mesh)."""
+    sizes = {a: getattr(mesh, a) for a in MESH_AXES}
+    if list(sizes.values()).count(-1) > 1:
+        raise DemError("mesh: at most one of data/fsdp/tensor may be -1")
+    if any(s == 0 or s < -1 for s in sizes.values()):
+        raise DemError(f"mesh: sizes must be positive or -1, got {sizes}")
+    known = math.prod(s for s in sizes.values() if s != -1)
+    if devices % known:
+        raise DemError(f"mesh: data×fsdp×tensor = {known} does not divide {devices} devices")
+    sizes = {a: devices // known if s == -1 else s for a, s in sizes.items()}
+    if math.prod(sizes.values()) != devices:
+        raise DemError(
+            f"mesh: data×fsdp×tensor = {math.prod(sizes.values())} but the slice has "
+            f"{devices} devices"
+        )
+    return sizes
+
+
+def sharded_param_elements(config: ModelConfig, mesh: dict[str, int]) -> dict[str, int]:
+    """Parameter elements: in total, per device, and per device of one layer and of
+    the embedding/output matrices once all-gathered over fsdp (tensor split kept)."""
+    import jax
+    from jax.sharding import AbstractMesh
+
+    from dem_jax.model.transformer import param_axes, param_shapes
+    from dem_jax.sharding.rules import logical_to_spec
+
+    full = AbstractMesh(tuple(mesh[a] for a in MESH_AXES), MESH_AXES)
+    tensor_only = AbstractMesh((1, 1, mesh["tensor"]), MESH_AXES)
+
+    def local(axes, shape, m) -> int:
+        spec = logical_to_spec(axes, shape, m)
+        return math.prod(n // (m.shape[s] if s else 1) for n, s in zip(shape, spec, strict=True))
+
+    def is_axes(x) -> bool:
+        return isinstance(x, tuple) and all(isinstance(a, str) for a in x)
+
+    axes = jax.tree.leaves(param_axes(config), is_leaf=is_axes)
+    shapes = [tuple(s.shape) for s in jax.tree.leaves(param_shapes(config))]
+    leaves = list(zip(axes, shapes, strict=True))
+    layer = sum(local(a, s, tensor_only) for a, s in leaves if a[0] == "layers")
+    return {
+        "total": sum(math.prod(s) for _, s in leaves),
+        "per_device": sum(local(a, s, full) for a, s in leaves),
+        "layer_gathered": layer // config.num_layers,
+        "vocab_gathered": sum(local(a, s, tensor_only) for a, s in leaves if "vocab" in a),
+    }
+
+
+def activation_bytes(
+    config: ModelConfig, rows: int, seq_len: int, compute_dtype: str, tensor: int, remat: bool
+) -> dict[str, int]:
+    """Activation bytes per device for ``rows`` rows of ``seq_len`` tokens (module docstring)."""
+    b, t, c = rows, seq_len, DTYPE_BYTES[compute_dtype]
+
+    def split(n: int) -> int:  # as the parameter rules: split over tensor only if it divides
+        return n // tensor if n % tensor == 0 else n
+
+    d, dh, layers = config.hidden_size, config.head_dim, config.num_layers
+    h, k = split(config.num_heads), split(config.num_kv_heads)
+    f, v = split(config.intermediate_size), split(config.vocab_size)
+    per_token = d * (4 * c + 8) + (h + 2 * k) * dh * c + h * dh * c + 5 * f * c
+    layer = b * t * per_token + b * t * t * h * (4 + c + 1)
+    head = b * t * (d * (4 + c) + v * (c + 8))
+    if remat:
+        saved, working = layers * b * t * d * c, layer
+    else:
+        saved, working = layers * layer, layer
+    total = saved + working + head
+    return {"layer": layer, "saved": saved, "working": working, "head": head, "total": total}
+
+
+@dataclass
+class MemoryPlan:
+    """Bytes per device of one training run on one slice."""
+
+    config_path: str
+    model: ModelConfig
+    model_source: str  # where the architecture came from
+    slice: TpuSlice
+    mesh: dict[str, int]
+    train: TrainConfig
+    seq_len: int
+    rows_per_device: int  # micro-batch rows on each device
+    num_params: int
+    params_per_device: int  # parameter elements on each device
+    parts: dict[str, int]  # component -> bytes per device
+    activations: dict[str, int]  # activation_bytes() breakdown
+
+    @property
+    def total(self) -> int:
+        """Bytes per device."""
+        return sum(self.parts.values())
+
+    @property
+    def usable(self) -> int:
+        """HBM bytes per device the plan may use."""
+        return int(self.slice.hbm_per_device * (1 - RESERVE))
+
+    @property
+    def fits(self) -> bool:
+        """Whether the total stays within the usable HBM."""
+        return self.total <= self.usable
+
+    def hints(self) -> list[str]:
+        """What would shrink the plan, cheapest first."""
+        out = []
+        if not self.train.remat:
+            out.append("train.remat=true")
+        if self.rows_per_device > 1:
+            out.append(
+                f"a larger train.grad_accum ({self.rows_per_device} rows per device "
+                "per micro-batch now)"
+            )
+        if self.mesh["fsdp"] * self.mesh["tensor"] < self.slice.devices:
+            out.append("mesh.fsdp=-1 (shard parameters and optimizer state over every device)")
+        out.append("a larger slice")
+        return out
+
+    def verdict(self) -> str:
+        """One line: fits or not, by how much, and what would help."""
+        need, have = self.total / GiB, self.usable / GiB
+        where = (
+            f"{need:.2f} GiB per device of {have:.2f} GiB usable on {self.slice.accelerator_type}"
+        )
+        if self.fits:
+            return f"fits: {where}"
+        return f"does not fit: {where}; try {'; or '.join(self.hints())}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able summary (bytes are per device)."""
+        return {
+            "config": self.config_path,
+            "model": {
+                "source": self.model_source,
+                "num_params": self.num_params,
+                **self.model.to_dict(),
+            },
+            "slice": {
+                "accelerator_type": self.slice.accelerator_type,
+                "chips": self.slice.chips,
+                "devices": self.slice.devices,
+                "hosts": self.slice.hosts,
+                "hbm_per_device": self.slice.hbm_per_device,
+            },
+            "mesh": self.mesh,
+            "batch": {
+                "batch_size": self.train.batch_size,
+                "grad_accum": self.train.grad_accum,
+                "seq_len": self.seq_len,
+                "rows_per_device": self.rows_per_device,
+            },
+            "dtypes": {"param": self.train.param_dtype, "compute": self.train.compute_dtype},
+            "remat": self.train.remat,
+            "params_per_device": self.params_per_device,
+            "bytes_per_device": dict(self.parts),
+            "activations": dict(self.activations),
+            "total": self.total,
+            "usable": self.usable,
+            "reserve": RESERVE,
+            "fits": self.fits,
+        }
+
+    def format_table(self) -> str:
+        """The plan as a human-readable table."""
+        m, s, t = self.model, self.slice, self.train
+        pd, cd = t.param_dtype, t.compute_dtype
+        lines = [
+            f"config   {self.config_path}",
+            f"model    {self.model_source}: {self.num_params / 1e9:.2f}B params, "
+            f"{m.num_layers} layers, D={m.hidden_size} F={m.intermediate_size} "
+            f"H={m.num_heads} K={m.num_kv_heads} V={m.vocab_size}",
+            f"slice    {s.accelerator_type}: {s.chips} chips, {s.devices} devices, "
+            f"{s.hosts} host{'s' * (s.hosts > 1)}, {s.hbm_per_device / GiB:.0f} GiB HBM per device",
+            "mesh     " + " ".join(f"{a}={n}" for a, n in self.mesh.items()),
+            f"batch    {t.batch_size} rows × {self.seq_len} tokens, grad_accum {t.grad_accum}"
+            f" -> {self.rows_per_device} rows per device per micro-batch",
+            f"dtypes   params {pd}, compute {cd}, remat {'on' if t.remat else 'off'}",
+            "",
+            f"{'per device':<40}{'GiB':>9}",
+        ]
+        labels = {
+            "params": f"parameters ({pd})",
+            "optimizer": f"AdamW moments (2 × {pd})",
+            "gradients": f"gradients ({pd})",
+            "grad_accum": f"gradient accumulator ({pd})",
+            "gathered": f"gathered weights ({cd}, transient)",
+            "activations": f"activations ({'remat' if t.remat else 'no remat'})",
+        }
+        for key, label in labels.items():
+            if key in self.parts:
+                lines.append(f"{label:<40}{self.parts[key] / GiB:>9.2f}")
+        lines += [
+            f"{'total':<40}{self.total / GiB:>9.2f}",
+            f"{f'usable ({100 * (1 - RESERVE):.0f}% of HBM)':<40}{self.usable / GiB:>9.2f}",
+            "",
+            self.verdict(),
+        ]
+        return "\n".join(lines)
+
+
+def plan_memory(
+    model: ModelConfig,
+    train: TrainConfig,
+    seq_len: int,
+    mesh: MeshConfig | dict[str, int],
+    tpu: TpuSlice,
+    *,
+    config_path: str = "<config>",
+    model_source: str = "model",
+) -> MemoryPlan:
+    """The per-device memory plan of training ``model`` with ``train`` on ``tpu``."""
+    sizes = resolve_mesh(MeshConfig(**mesh) if isinstance(mesh, dict) else mesh, tpu.devices)
+    micro = train.batch_size // train.grad_accum
+    shards = sizes["data"] * sizes["fsdp"]
+    if micro % shards:
+        raise DemError(
+            f"{config_path}: a micro-batch of {micro} rows (train.batch_size / train.grad_accum)"
+            f" does not split over data×fsdp = {shards} devices"
+        )
+    rows = micro // shards
+    # The model as the trainer runs it (dem_jax.train.loop): weights loaded in
+    # train.param_dtype, computed in train.compute_dtype.
+    model = model.replace(
+        param_dtype=train.param_dtype, dtype=train.compute_dtype, remat=train.remat
+    )
+    elems = sharded_param_elements(model, sizes)
+    p, c = DTYPE_BYTES[train.param_dtype], DTYPE_BYTES[train.compute_dtype]
+    n = elems["per_device"]
+    parts = {
+        "params": n * p,
+        "optimizer": 2 * n * p,
+        "gradients": n * p,
+    }
+    if train.grad_accum > 1:
+        parts["grad_accum"] = n * p
+    parts["gathered"] = (2 * elems["layer_gathered"] + elems["vocab_gathered"]) * c
+    acts = activation_bytes(model, rows, seq_len, train.compute_dtype, sizes["tensor"], train.remat)
+    parts["activations"] = acts["total"]
+    return MemoryPlan(
+        config_path=config_path,
+        model=model,
+        model_source=model_source,
+        slice=tpu,
+        mesh=sizes,
+        train=train,
+        seq_len=seq_len,
+        rows_per_device=rows,
+        num_params=elems["total"],
+        params_per_device=n,
+        parts=parts,
+        activations=acts,
+    )
+
+
+def plan_run(
+    config_path: str | os.PathLike,
+    overrides: list[str] | None = None,
+    slice_name: str | None = None,
+    model_config: str | None = None,
+) -> MemoryPlan:
+    """Load a run config and plan it on a slice (see :func:`resolve_model_config` and
+    :func:`resolve_slice` for where the architecture and the slice come from)."""
+    from dem_jax.config.loader import load_run_config
+
+    run = load_run_config(config_path, overrides)
+    model, source = resolve_model_config(run, config_path, model_config)
+    tpu = resolve_slice(run, config_path, slice_name)
+    return plan_memory(
+        model,
+        run.train,
+        run.data.seq_len,
+        run.mesh,
+        tpu,
+        config_path=str(config_path),
+        model_source=source,
+    )
+
+
+def plan_json(plan: MemoryPlan) -> str:
+    """The plan as indented JSON."""
+    return json.dumps(plan.to_dict(), indent=2)

@@ -1,0 +1,274 @@
+"""Perplexity, mean NLL and bits per byte of a model, per distribution.
+
+    scores = score_model(model, {"code": "code_val.jsonl"}, tokenizer, batch_size=8, seq_len=512)
+    scores["code"].perplexity
+
+Definitions, per distribution (natural logs throughout):
+
+* **loss tokens**: the targets whose loss mask is set (see
+  :mod:`dem_jax.data.tokenize`): for ``{"text"}`` records every token after
+  BOS, EOS included; for ``{"prompt", "completion"}`` records the completion
+  tokens and EOS.
+* ``mean_nll`` = summed NLL over loss tokens / number of loss tokens (a
+  token-weighted mean over the whole set, not a mean of per-record means);
+  ``perplexity`` = exp(mean_nll).
+* ``bits_per_byte`` = summed NLL / ln 2 / scored bytes, where the scored
+  bytes are the UTF-8 bytes of each record's loss-bearing field as written in
+  the file (``text``, or ``completion``), summed over the records that have
+  at least one loss token. The prompt, the template and BOS/EOS add no bytes;
+  EOS's NLL is still counted (it is what tells the model where the text
+  ends). This makes bits per byte comparable across tokenizers.
+
+Rows are padded (``packing=False``) or packed; because segment ids keep
+packed documents apart the sums are the same either way. The last batch is
+filled with zero-loss rows so every batch has one shape and compiles once.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from dem_jax.data.packing import empty_row, make_rows, stack_rows
+from dem_jax.data.records import read_jsonl
+from dem_jax.data.tokenize import encode_record, load_tokenizer
+from dem_jax.errors import DemError
+from dem_jax.io.modeldir import Model
+from dem_jax.model.losses import batch_nll
+from dem_jax.sharding.rules import BATCH_AXES, batch_sharding, param_shardings
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Score:
+    """Scores of one model on one distribution."""
+
+    nll_sum: float  # summed NLL over loss tokens, nats
+    tokens: int  # loss tokens
+    bytes: int  # scored UTF-8 bytes (see the module docstring)
+
+    @property
+    def mean_nll(self) -> float:
+        """Token-weighted mean NLL in nats (= log-perplexity)."""
+        return self.nll_sum / self.tokens if self.tokens else math.nan
+
+    @property
+    def perplexity(self) -> float:
+        """exp(mean NLL)."""
+        return math.exp(self.mean_nll) if self.tokens else math.nan
+
+    @property
+    def bits_per_byte(self) -> float:
+        """Summed NLL in bits per scored UTF-8 byte."""
+        return self.nll_sum / math.log(2) / self.bytes if self.bytes else math.nan
+
+    def to_dict(self) -> dict[str, float | int | None]:
+        """Plain JSON-able numbers (None where a value is undefined)."""
+        out = {
+            "mean_nll": self.mean_nll,
+            "perplexity": self.perplexity,
+            "tokens": self.tokens,
+            "bits_per_byte": self.bits_per_byte,
+            "bytes": self.bytes,
+            "nll_sum": self.nll_sum,
+        }
+        return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in out.items()}
+
+
+@dataclass
+class EncodedSet:
+    """One distribution's scoring rows and what the byte count needs."""
+
+    rows: list[dict[str, np.ndarray]]
+    tokens: int  # loss tokens over all rows
+    bytes: int  # scored bytes
+    records: int
+
+
+def scored_text(record: Mapping[str, Any]) -> str:
+    """The loss-bearing field of a record, whose bytes bits-per-byte divides by."""
+    return record["text"] if "text" in record else record["completion"]
+
+
+def encode_records(
+    records: Iterable[Mapping[str, Any]],
+    tokenizer,
+    seq_len: int,
+    packing: bool = False,
+    template: str = "{prompt}",
+    add_bos: bool = True,
+    add_eos: bool = True,
+) -> EncodedSet:
+    """Tokenise records into scoring rows (longer documents split into pieces)."""
+    encodings, n_bytes, n_records = [], 0, 0
+    for record in records:
+        encoding = encode_record(tokenizer, record, template, add_bos, add_eos)
+        encodings.append(encoding)
+        n_records += 1
+        if encoding.loss_mask[1:].any():  # position 0 is never a target
+            n_bytes += len(scored_text(record).encode("utf-8"))
+    rows = make_rows(encodings, seq_len, packing)
+    tokens = int(sum(r["loss_mask"].sum() for r in rows))
+    return EncodedSet(rows, tokens, n_bytes, n_records)
+
+
+def pad_batches(
+    rows: list[dict[str, np.ndarray]], batch_size: int, max_batches: int = 0
+) -> list[dict[str, np.ndarray]]:
+    """Batches (B, T) of ``rows``; the last filled with blank rows. ``max_batches`` > 0
+    keeps only the first that many."""
+    if max_batches:
+        rows = rows[: max_batches * batch_size]
+    if not rows:
+        return []
+    n = math.ceil(len(rows) / batch_size)
+    blank = empty_row(len(rows[0]["tokens"]))
+    rows = rows + [blank] * (n * batch_size - len(rows))
+    return [stack_rows(rows[i * batch_size : (i + 1) * batch_size]) for i in range(n)]
+
+
+def data_parallel_size(mesh: Mesh | None) -> int:
+    """How many ways a batch is split on ``mesh`` (1 without a mesh)."""
+    return 1 if mesh is None else math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+def check_batch_size(batch_size: int, mesh: Mesh | None, where: str = "--batch-size") -> None:
+    """A batch must split evenly over the mesh's data-parallel axes."""
+    dp = data_parallel_size(mesh)
+    if batch_size <= 0 or batch_size % dp:
+        raise DemError(
+            f"{where}: {batch_size} must be a positive multiple of the mesh's "
+            f"data-parallel size (data*fsdp = {dp})"
+        )
+
+
+def place_params(params: Any, config, mesh: Mesh | None) -> Any:
+    """Parameters on their shardings (a no-op when they are already there)."""
+    return params if mesh is None else jax.device_put(params, param_shardings(config, mesh))
+
+
+def place_batch(batch: Mapping[str, np.ndarray], mesh: Mesh | None) -> dict[str, jax.Array]:
+    """A host batch as device arrays, split over the data-parallel axes."""
+    if mesh is None:
+        return {k: jax.device_put(v) for k, v in batch.items()}
+    sharding = batch_sharding(mesh)
+    return {k: jax.device_put(v, sharding) for k, v in batch.items()}
+
+
+# One compiled program per (config, shapes, shardings); params and batch are
+# arguments, so scoring another model of the same architecture reuses it.
+_batch_nll = jax.jit(batch_nll, static_argnums=1)
+
+
+def score_rows(
+    params: Any,
+    config,
+    rows: list[dict[str, np.ndarray]],
+    batch_size: int,
+    mesh: Mesh | None = None,
+    max_batches: int = 0,
+    progress: Progress | None = None,
+    progress_every: int = 20,
+    name: str = "",
+) -> tuple[float, int]:
+    """(summed NLL, loss tokens) of ``rows`` under ``params``.
+
+    Batches are dispatched without waiting for results, so the host prepares
+    batch b+1 while the device runs batch b; results are fetched every
+    ``progress_every`` batches (with a tokens/s line when ``progress`` is
+    given) and summed in float64 on the host.
+    """
+    check_batch_size(batch_size, mesh)
+    params = place_params(params, config, mesh)
+    batches = pad_batches(rows, batch_size, max_batches)
+    pending, total_nll, total_tokens = [], 0.0, 0
+    start, done_tokens = time.perf_counter(), 0
+    for i, batch in enumerate(batches):
+        pending.append(_batch_nll(params, config, place_batch(batch, mesh)))
+        done_tokens += int(batch["loss_mask"].sum())
+        last = i + 1 == len(batches)
+        if (i + 1) % progress_every == 0 or last:
+            for nll, count in jax.device_get(pending):
+                total_nll += float(nll)
+                total_tokens += round(float(count))
+            pending = []
+            if progress is not None and len(batches) > progress_every:
+                rate = done_tokens / max(time.perf_counter() - start, 1e-9)
+                progress(f"score {name}: batch {i + 1}/{len(batches)}, {rate:,.0f} tokens/s")
+    return total_nll, total_tokens
+
+
+def resolve_tokenizer(tokenizer, model: Model):
+    """A tokenizer object from an object, a directory, or (None) the model's own files."""
+    if tokenizer is None:
+        return load_tokenizer(model.assets_dir)
+    if isinstance(tokenizer, str | os.PathLike):
+        return load_tokenizer(tokenizer)
+    return tokenizer
+
+
+def score_model(
+    model: Model,
+    datasets: Mapping[str, str | os.PathLike | list[Mapping[str, Any]]],
+    tokenizer=None,
+    batch_size: int = 8,
+    seq_len: int = 512,
+    mesh: Mesh | None = None,
+    packing: bool = False,
+    template: str = "{prompt}",
+    add_bos: bool = True,
+    add_eos: bool = True,
+    max_batches: int = 0,
+    progress: Progress | None = None,
+) -> dict[str, Score]:
+    """Score ``model`` on each named dataset: a JSONL path or a list of records.
+
+    ``tokenizer`` is a tokenizer, a tokenizer directory, or None for the
+    model's own tokenizer files. With ``mesh`` the parameters are placed on
+    their shardings and each batch is split over the data-parallel axes
+    (``batch_size`` must divide by data*fsdp). ``max_batches`` > 0 scores only
+    the first batches of each set (bits per byte is then undefined: NaN).
+    """
+    if seq_len < 2:
+        raise DemError(f"--seq-len must be >= 2, got {seq_len}")
+    check_batch_size(batch_size, mesh)
+    tokenizer = resolve_tokenizer(tokenizer, model)
+    params = place_params(model.params, model.config, mesh)
+    scores = {}
+    for name, data in datasets.items():
+        records = read_jsonl(data) if isinstance(data, str | os.PathLike) else data
+        encoded = encode_records(records, tokenizer, seq_len, packing, template, add_bos, add_eos)
+        if encoded.tokens == 0:
+            raise DemError(f"{name}: no loss tokens to score (records too short?)")
+        nll, tokens = score_rows(
+            params, model.config, encoded.rows, batch_size, mesh, max_batches, progress, name=name
+        )
+        # Bytes cannot be traced back to records once rows are cut off, so a
+        # truncated set reports no bits per byte rather than a wrong one.
+        n_bytes = encoded.bytes if tokens == encoded.tokens else 0
+        scores[name] = Score(nll, tokens, n_bytes)
+    return scores
+
+
+def format_table(scores: Mapping[str, Score]) -> str:
+    """A plain-text table, one line per distribution."""
+    width = max([len("distribution"), *map(len, scores)])
+    lines = [
+        f"{'distribution':<{width}}  {'tokens':>10}  {'mean_nll':>9}  "
+        f"{'perplexity':>11}  {'bits/byte':>9}"
+    ]
+    for name, s in scores.items():
+        lines.append(
+            f"{name:<{width}}  {s.tokens:>10,}  {s.mean_nll:>9.4f}  "
+            f"{s.perplexity:>11.3f}  {s.bits_per_byte:>9.4f}"
+        )
+    return "\n".join(lines)
