@@ -90,7 +90,8 @@ def child(args: argparse.Namespace) -> None:
     import jax.numpy as jnp
 
     import dem_jax
-    from dem_jax.merge.engine import MergeInput, merge, merge_to_directory
+    from dem_jax.merge.engine import MergeInput, merge
+    from dem_jax.merge.output import merge_to_directory
 
     paths = [Path(p) for p in args.paths]
     jnp.zeros(1).block_until_ready()  # start the runtime before the baseline reading

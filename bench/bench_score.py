@@ -4,7 +4,7 @@
 
 Both score the same random Llama model (float32, CPU) on the same rows: a
 batch of full rows of random tokens, summed NLL over every target. dem-jax
-runs :func:`dem_jax.score.score_rows` (jitted, batches dispatched without
+runs :func:`dem_jax.search.score.score_rows` (jitted, batches dispatched without
 waiting, one host sync per 20 batches); transformers runs the model under
 ``torch.no_grad()`` and ``cross_entropy(reduction="sum")`` batch by batch.
 The printed ratio is transformers' time / dem-jax's time (> 1: dem-jax faster).

@@ -30,12 +30,13 @@ import optax
 
 import dem_jax
 from dem_jax.config.run import SearchConfig
+from dem_jax.data.batches import EncodedSet
 from dem_jax.data.packing import make_rows, stack_rows
 from dem_jax.data.tokenize import Encoding
 from dem_jax.model.losses import batch_nll
 from dem_jax.model.transformer import init_params
-from dem_jax.search.run import MergeScorer, run_search
-from dem_jax.search.score import EncodedSet
+from dem_jax.search.scorer import MergeScorer
+from dem_jax.search.strategies import run_search
 
 VOCAB, SEQ_LEN, NAMES = 64, 32, ("alpha", "beta", "gamma")
 TRAIN_ROWS = 4096  # per distribution: enough that nothing is seen twice

@@ -9,3 +9,10 @@ line on stderr and exit status 2; library callers can catch it like any
 
 class DemError(ValueError):
     """Bad input: the message names the file, field or tensor and what is wrong."""
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception from a library (Orbax, TensorStore...), for a
+    one-line DemError: its message, cut to 300 characters, else its type."""
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__

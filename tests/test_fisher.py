@@ -10,12 +10,12 @@ import pytest
 from train_helpers import TINY_MODEL
 
 import dem_jax
+from dem_jax.data.batches import pad_batches
 from dem_jax.data.packing import make_rows
 from dem_jax.data.tokenize import Encoding
 from dem_jax.errors import DemError
 from dem_jax.merge.methods import fisher
 from dem_jax.model.transformer import apply
-from dem_jax.search.score import pad_batches
 
 CONFIG = TINY_MODEL
 

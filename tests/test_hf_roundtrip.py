@@ -10,7 +10,7 @@ from hf_models import random_tokens, save_hf_model, torch_logits
 from safetensors.torch import load_file
 
 import dem_jax
-from dem_jax.io.hf.safetensors_io import SafetensorsCheckpoint
+from dem_jax.io.hf.safetensors_reader import SafetensorsCheckpoint
 
 
 def raw_tensors(directory):

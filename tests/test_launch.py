@@ -3,7 +3,6 @@ survives, all workers, zone/project, spot, env pass-through, one job per distrib
 the remote job scripts executed here against a fake dem-jax, and the restart loop
 driven through scripted `describe` answers."""
 
-import importlib.util
 import json
 import os
 import shlex
@@ -15,14 +14,16 @@ from pathlib import Path
 
 import pytest
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "launch"))  # the script's package
+from tpu_launcher.errors import LaunchError
+from tpu_launcher.gcloud import next_action, parse_state
+from tpu_launcher.launcher import Launcher
+from tpu_launcher.runner import Result, Runner
+from tpu_launcher.settings import RUNTIME_VERSIONS, Settings, read_env_file
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "launch" / "dem_tpu.py"
 EXAMPLE = ROOT / "launch" / "dem-tpu.env.example"
-
-spec = importlib.util.spec_from_file_location("dem_tpu", SCRIPT)
-dem_tpu = importlib.util.module_from_spec(spec)
-sys.modules["dem_tpu"] = dem_tpu
-spec.loader.exec_module(dem_tpu)
 
 COMMANDS = [
     "create",
@@ -210,7 +211,7 @@ def test_dry_run_needs_no_gcloud_and_fails_cleanly_on_bad_settings(env_file, tmp
 
 
 def test_shipped_example_settings_work():
-    values = dem_tpu.read_env_file(EXAMPLE, environ={})
+    values = read_env_file(EXAMPLE, environ={})
     assert (ROOT / values["CONFIG"]).is_file()
     _, lines, _ = launch("pipeline", "--dry-run", env_file=EXAMPLE)
     assert any("--distribution" in line for line in lines)
@@ -222,7 +223,7 @@ def test_env_file_syntax(tmp_path):
         "# c\nexport PROJECT='a b'  # c\nZONE=z\nBUCKET=gs://b\nOUTPUT_DIR=${BUCKET}/o\n"
         "REMOTE_ENV_A=\"x=1 'y'\"\n"
     )
-    values = dem_tpu.read_env_file(path, environ={})
+    values = read_env_file(path, environ={})
     assert values == {
         "PROJECT": "a b",
         "ZONE": "z",
@@ -231,10 +232,10 @@ def test_env_file_syntax(tmp_path):
         "REMOTE_ENV_A": "x=1 'y'",
     }
     path.write_text("OUTPUT_DIR=${NOPE}/o\n")
-    with pytest.raises(dem_tpu.LaunchError, match="NOPE"):
-        dem_tpu.read_env_file(path, environ={})
-    s = dem_tpu.Settings.load(None, ["SPOT=maybe"])
-    with pytest.raises(dem_tpu.LaunchError, match="SPOT"):
+    with pytest.raises(LaunchError, match="NOPE"):
+        read_env_file(path, environ={})
+    s = Settings.load(None, ["SPOT=maybe"])
+    with pytest.raises(LaunchError, match="SPOT"):
         s.flag("SPOT")
 
 
@@ -276,10 +277,10 @@ def test_create_flags(env_file):
 
 
 def test_runtime_versions_match_the_planner():
-    from dem_jax.plan.memory import TPU_GENERATIONS
+    from dem_jax.plan.tpu import TPU_GENERATIONS
 
     planner = {g.name: g.runtime_version for g in TPU_GENERATIONS.values()}
-    assert planner == dem_tpu.RUNTIME_VERSIONS
+    assert planner == RUNTIME_VERSIONS
 
 
 def test_sequential_training_covers_every_distribution(env_file):
@@ -386,7 +387,7 @@ def test_install_sources(env_file, tmp_path):
     archive = tmp_path / "src.tar.gz"
     subprocess.run([*tar[:2], str(archive), *tar[3:]], check=True)
     names = subprocess.run(["tar", "-tzf", str(archive)], capture_output=True, text=True).stdout
-    assert "./pyproject.toml" in names.split() and "./dem_jax/plan.py" in names.split()
+    assert "./pyproject.toml" in names.split() and "./dem_jax/plan/__init__.py" in names.split()
     assert "/.git/" not in names and "__pycache__" not in names
 
 
@@ -522,23 +523,23 @@ def test_scripts_pass_shellcheck(env_file):
 
 
 def vm(state):
-    return dem_tpu.Result(0, json.dumps({"name": "n", "state": state, "health": "HEALTHY"}))
+    return Result(0, json.dumps({"name": "n", "state": state, "health": "HEALTHY"}))
 
 
 def qr(state):
-    return dem_tpu.Result(0, json.dumps({"name": "q", "state": {"state": state}}))
+    return Result(0, json.dumps({"name": "q", "state": {"state": state}}))
 
 
-MISSING = dem_tpu.Result(1, "", "ERROR: (gcloud.compute.tpus.tpu-vm.describe) NOT_FOUND: x")
+MISSING = Result(1, "", "ERROR: (gcloud.compute.tpus.tpu-vm.describe) NOT_FOUND: x")
 
 
 def test_parse_state_and_next_action():
-    parse = dem_tpu.parse_state
+    parse = parse_state
     assert parse(vm("READY"), queued=False) == "READY"
     assert parse(qr("SUSPENDED"), queued=True) == "SUSPENDED"
     assert parse(MISSING, queued=False) == "NOT_FOUND"
-    assert parse(dem_tpu.Result(1, "", "ERROR: network is unreachable"), False) == "UNREACHABLE"
-    assert parse(dem_tpu.Result(0, "not json"), False) == "UNREACHABLE"
+    assert parse(Result(1, "", "ERROR: network is unreachable"), False) == "UNREACHABLE"
+    assert parse(Result(0, "not json"), False) == "UNREACHABLE"
     table = {
         "NOT_FOUND": "create",
         "READY": "run",
@@ -556,10 +557,10 @@ def test_parse_state_and_next_action():
         "REPAIRING": "wait",
         "UNREACHABLE": "wait",
     }
-    assert {s: dem_tpu.next_action(s) for s in table} == table
+    assert {s: next_action(s) for s in table} == table
 
 
-class ScriptedRunner(dem_tpu.Runner):
+class ScriptedRunner(Runner):
     """Answers `describe` from a script of states and job runs from a script of exit
     statuses; records what was done."""
 
@@ -590,11 +591,11 @@ class ScriptedRunner(dem_tpu.Runner):
             if "setsid" in script:
                 code = self.job_codes.pop(0)
                 self.events.append(f"job:{code}")
-                return dem_tpu.Result(code)
+                return Result(code)
             self.events.append("install")
-            return dem_tpu.Result(0)
+            return Result(0)
         self.events.append(verb)  # create, delete, scp
-        return dem_tpu.Result(0)
+        return Result(0)
 
     def sleep(self, seconds):
         self.events.append("sleep")
@@ -613,9 +614,9 @@ def babysit(states, job_codes, **settings):
         "POLL_SECONDS": "0",
         **settings,
     }
-    s = dem_tpu.Settings(values)
+    s = Settings(values)
     runner = ScriptedRunner(states, job_codes, queued=s.flag("QUEUED"))
-    launcher = dem_tpu.Launcher(s, runner)
+    launcher = Launcher(s, runner)
     code = launcher.babysit(launcher.tpu(), "train-cot", ["dem-jax", "train", "x"])
     assert not runner.states and not runner.job_codes, "script not used up"
     return code, [e for e in runner.events if e not in ("scp",)]
@@ -681,7 +682,7 @@ def test_restart_loop_with_a_suspended_queued_resource():
 
 def test_create_waits_for_a_queued_request_and_refuses_a_lost_slice():
     runner = ScriptedRunner(["NOT_FOUND", "ACCEPTED", "PROVISIONING", "ACTIVE"], [], queued=True)
-    s = dem_tpu.Settings(
+    s = Settings(
         {
             "PROJECT": "p",
             "ZONE": "z",
@@ -691,7 +692,7 @@ def test_create_waits_for_a_queued_request_and_refuses_a_lost_slice():
             "SPOT": "true",
         }
     )
-    launcher = dem_tpu.Launcher(s, runner)
+    launcher = Launcher(s, runner)
     launcher.create(launcher.tpu())
     assert runner.events == [
         "describe:NOT_FOUND",
@@ -703,7 +704,7 @@ def test_create_waits_for_a_queued_request_and_refuses_a_lost_slice():
         "describe:ACTIVE",
     ]
     runner.states = ["SUSPENDED"]
-    with pytest.raises(dem_tpu.LaunchError, match="SUSPENDED"):
+    with pytest.raises(LaunchError, match="SUSPENDED"):
         launcher.create(launcher.tpu())
 
 

@@ -14,8 +14,11 @@ from hf_models import build_hf_model, save_tokenizer
 import dem_jax
 from dem_jax.errors import DemError
 from dem_jax.io.hf.weights import tensor_maps
+from dem_jax.io.tree import get_leaf
 from dem_jax.merge import engine as M
-from dem_jax.vectors.vector import distribution_vector, get_leaf
+from dem_jax.merge.output import merge_to_directory
+from dem_jax.sharding.rules import param_shardings
+from dem_jax.vectors.vector import distribution_vector
 
 U32 = 2.0**-24  # float32 unit roundoff
 
@@ -109,7 +112,7 @@ def test_mesh_equals_single_device(family, method):
     mesh = dem_jax.make_mesh(fsdp=2, tensor=4)
     one = M.merge(method, family[0], inputs, seed=3)
     many = M.merge(method, family[0], inputs, seed=3, mesh=mesh, streaming=True)
-    shardings = dem_jax.sharding.param_shardings(many.config, mesh)
+    shardings = param_shardings(many.config, mesh)
     base = leaves(dem_jax.load_model(family[0]))
     for tmap in tensor_maps(one.config):
         name = ".".join(tmap.path)
@@ -164,13 +167,13 @@ def test_per_layer_filter_and_gradient(family, loaded):
             np.testing.assert_array_equal(m[i], want, err_msg=f"{name}[{i}]")
 
 
-def test_pure_merge_params_under_jit_with_traced_weights(loaded):
+def test_pure_merge_tree_under_jit_with_traced_weights(loaded):
     base = loaded[0]
     vecs = [distribution_vector(base, m) for m in loaded[1:]]
 
     @jax.jit
     def merged(w):
-        return M.merge_params(
+        return M.merge_tree(
             "dem",
             base.config,
             base.params,
@@ -218,13 +221,13 @@ def test_hf_and_orbax_outputs_load_back(family, tmp_path):
     inputs = [M.MergeInput(p, TIES) for p in family[1:]]  # compiled by earlier tests
     ref = leaves(M.merge("ties", family[0], inputs))
     for fmt in ("hf", "orbax"):
-        out = M.merge_to_directory(tmp_path / fmt, "ties", family[0], inputs, format=fmt)
+        out = merge_to_directory(tmp_path / fmt, "ties", family[0], inputs, format=fmt)
         back = dem_jax.load_model(out)
         assert (out / "tokenizer.json").is_file()
         for name, a in leaves(back).items():
             np.testing.assert_array_equal(a, ref[name], err_msg=f"{fmt} {name}")
     with pytest.raises(DemError, match="already exists"):
-        M.merge_to_directory(tmp_path / "hf", "ties", family[0], inputs, format="hf")
+        merge_to_directory(tmp_path / "hf", "ties", family[0], inputs, format="hf")
 
 
 def test_library_bad_inputs(family, loaded, tmp_path):
@@ -246,7 +249,7 @@ def test_library_bad_inputs(family, loaded, tmp_path):
 
 
 def test_vector_directories_as_inputs(family, loaded, tmp_path):
-    from dem_jax.vectors.vector import save_vector
+    from dem_jax.vectors.store import save_vector
 
     settings = [{"weight": 0.4}, {"weight": 0.9}]
     paths = [

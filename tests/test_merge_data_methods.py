@@ -13,14 +13,15 @@ from test_merge import make_family
 from test_merge_yaml import run, write
 
 import dem_jax
+from dem_jax.config.merge import DataOptions
+from dem_jax.data.batches import encode_records, pad_batches
 from dem_jax.data.records import read_jsonl
 from dem_jax.data.tokenize import load_tokenizer
 from dem_jax.errors import DemError
-from dem_jax.merge import config as mergekit_config
 from dem_jax.merge import engine as M
-from dem_jax.merge.config import load_merge_config
 from dem_jax.merge.methods import fisher, regmean
-from dem_jax.search.score import encode_records, pad_batches
+from dem_jax.merge.registry import get_method
+from dem_jax.merge.request import load_merge_config
 from dem_jax.sharding.rules import param_shardings
 
 SEQ_LEN, BATCH, MAX_EXAMPLES = 16, 4, 10
@@ -98,7 +99,7 @@ def test_yaml_data_paths_options_and_slices(family):
     req = load_merge_config(write(folder, data_config("regmean", add_eos=False), "p.yaml"))
     assert req.base == family[0] and req.models == family[1:]  # the base is not an input
     assert req.model_data == [folder / "data" / "a.jsonl", folder / "data" / "b.jsonl"]
-    assert req.data_options == mergekit_config.DataOptions(
+    assert req.data_options == DataOptions(
         SEQ_LEN, BATCH, MAX_EXAMPLES, "{prompt}", add_bos=True, add_eos=False
     )
     sources = [
@@ -108,7 +109,7 @@ def test_yaml_data_paths_options_and_slices(family):
     cfg = {"merge_method": "fisher", "slices": [{"sources": sources}]}
     req = load_merge_config(write(folder, cfg, "s.yaml"))
     assert req.model_data == [folder / "data" / "a.jsonl", folder / "data" / "b.jsonl"]
-    assert req.data_options == mergekit_config.DataOptions()  # defaults: 512, 8, all
+    assert req.data_options == DataOptions()  # defaults: 512, 8, all
     with pytest.raises(DemError, match=r"slices\[0\].sources\[0\].data: merge_method linear"):
         load_merge_config(write(folder, {**cfg, "merge_method": "linear"}, "l.yaml"))
 
@@ -138,7 +139,7 @@ def test_cli_fisher_on_a_mesh_equals_fisher_merge(capsys, family, tmp_path):
     q = "layers", "attn", "q_proj", "kernel"
     diff = np.asarray(got.params[q[0]][q[1]][q[2]][q[3]]) - np.asarray(avg[q[0]][q[1]][q[2]][q[3]])
     assert np.abs(diff).max() > 1e-3
-    assert mergekit_config.DEFAULT_FISHER_FLOOR == fisher.DEFAULT_FISHER_FLOOR
+    assert get_method("fisher").spec("fisher_floor").default == fisher.DEFAULT_FISHER_FLOOR
 
 
 def test_cli_regmean_equals_regmean_merge(capsys, family, tmp_path):
@@ -264,7 +265,8 @@ def test_bad_data_merges_exit_2_with_one_line(capsys, family, tmp_path):
 
 
 def test_vector_inputs_are_refused(capsys, family, tmp_path):
-    from dem_jax.vectors.vector import distribution_vector, save_vector
+    from dem_jax.vectors.store import save_vector
+    from dem_jax.vectors.vector import distribution_vector
 
     base, ft = (dem_jax.load_model(p) for p in family[:2])
     save_vector(distribution_vector(base, ft, name="a"), tmp_path / "vec")

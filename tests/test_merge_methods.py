@@ -2,20 +2,88 @@
 
 Expected values are either literal numbers worked out by hand in the comments, or
 plain-NumPy / plain-Python reference computations that follow the published
-definitions step by step (they share no code with ``dem_jax.merge_methods``).
+definitions step by step (they share no code with ``dem_jax.merge``). Named methods
+(``ties``, ``della``...) are the registry's objects applied to one tensor with their
+declared defaults.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import math
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dem_jax.merge import kernels as mm
+from dem_jax.merge import sparsify
+from dem_jax.merge.methods import linear, model_stock, parameter_selection, slerp, task_arithmetic
+from dem_jax.merge.registry import METHODS
+
+
+def _named(name: str, third: str | None = None):
+    """Registry method ``name`` on one tensor: (base, deltas, weights[, density[, third]])."""
+    method = METHODS[name]
+
+    def fn(base, deltas, weights, density=None, extra=None, *, key=None, lam=None, **settings):
+        density = settings.pop("densities", density)
+        extra = settings.pop(f"{third}s", extra) if third else extra
+        if density is not None:
+            settings["density"] = density
+        if extra is not None:
+            settings[third] = extra
+        if lam is not None:
+            settings["lambda"] = lam
+        return method.merge_tensor(base, deltas, weights, key=key, **settings)
+
+    return fn
+
+
+def _gta(
+    base,
+    deltas,
+    weights,
+    *,
+    sparsify=None,
+    consensus=None,
+    densities=None,
+    gammas=None,
+    epsilons=None,
+    key=None,
+    normalize=False,
+    rescale=True,
+    lam=1.0,
+):
+    """The generic task-vector engine: sparsify, then sign consensus and weighted sum."""
+    d = jnp.asarray(deltas, jnp.float32)
+    if sparsify is not None:
+        values = {"density": densities, "gamma": gammas, "epsilon": epsilons}
+        d = task_arithmetic.sparsify(sparsify, d, values, rescale, key)
+    return task_arithmetic.combine(
+        base, d, weights, consensus=consensus, normalize=normalize, lam=lam
+    )
+
+
+_NAMED = {
+    name: _named(name, {"breadcrumbs": "gamma", "della": "epsilon"}.get(m.sparsifier))
+    for name, m in METHODS.items()
+    if isinstance(m, task_arithmetic.TaskArithmetic) and name != "dem"
+}
+_MODULES = (sparsify, linear, model_stock, parameter_selection, slerp, task_arithmetic)
+# Every public tensor-level function of the merge math, and the named methods.
+_PUBLIC = {
+    n: f
+    for mod in _MODULES
+    for n, f in vars(mod).items()
+    if inspect.isfunction(f) and f.__module__ == mod.__name__ and not n.startswith("_")
+}
+mm = SimpleNamespace(**_PUBLIC, **_NAMED, generalized_task_arithmetic=_gta)
+mm.__all__ = sorted(
+    set(_PUBLIC) - {"sparsify", "combine"} | set(_NAMED) | {"generalized_task_arithmetic"}
+)
 
 # Ten distinct magnitudes; ascending |x| order (index: value):
 #   7: 0.02, 3: -0.05, 0: 0.1, 5: -0.2, 2: 0.3, 8: -0.4, 1: -0.5, 9: 0.6, 6: 0.7, 4: 0.9
@@ -70,7 +138,7 @@ def test_selection_matches_a_stable_sort(k):
     # like a stable sort (descending for the largest, ascending for the smallest).
     x = np.random.default_rng(k).integers(0, 5, (3, 7, 11)).astype(np.float32)
     flat = x.reshape(3, -1)
-    for fn, keys in ((mm._largest, -flat), (mm._smallest, flat)):
+    for fn, keys in ((sparsify._largest, -flat), (sparsify._smallest, flat)):
         ranks = np.argsort(np.argsort(keys, axis=1, kind="stable"), axis=1, kind="stable")
         want = (ranks < k).reshape(x.shape)
         np.testing.assert_array_equal(np.asarray(fn(x, np.full(3, k))), want)
@@ -558,3 +626,24 @@ def test_bad_arguments_raise():
         mm.model_stock(TIES_BASE, TIES_DELTAS[:1])
     with pytest.raises(ValueError, match="consensus"):
         mm.sign_consensus(TIES_DELTAS, TIES_W, "median")
+
+
+def test_registry_is_every_method_module():
+    # Adding a method is adding a module to dem_jax/merge/methods: the registry is
+    # exactly the union of the modules' METHODS, each object declared once.
+    import importlib
+    import pkgutil
+
+    from dem_jax.merge import methods as methods_pkg
+
+    declared = []
+    for info in pkgutil.iter_modules(methods_pkg.__path__):
+        module = importlib.import_module(f"{methods_pkg.__name__}.{info.name}")
+        assert module.METHODS, info.name
+        declared.extend(module.METHODS)
+    assert sorted(m.name for m in declared) == sorted(METHODS)
+    assert all(METHODS[m.name] is m for m in declared)
+    # Every parameter default is declared by the method object itself.
+    assert METHODS["ties"].defaults({"weight": 1.0})["normalize"] is True
+    assert METHODS["dare_linear"].defaults({"weight": 1.0})["rescale"] is True
+    assert METHODS["breadcrumbs"].defaults({"weight": 1.0})["gamma"] == 0.01

@@ -16,8 +16,8 @@ from test_merge import leaves, make_family
 import dem_jax
 from dem_jax.commands import merge as merge_cmd
 from dem_jax.errors import DemError
-from dem_jax.merge import engine as M
-from dem_jax.merge.config import load_merge_config
+from dem_jax.merge import from_config as M
+from dem_jax.merge.request import load_merge_config
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """Parity with the real mergekit 0.1.5 on tiny random Hugging Face models.
 
 The same MERGE.yaml is run by mergekit (its Python API, CPU, float32) and by
-``dem_jax.merge.merge_from_config``; every tensor of the two outputs is compared.
+``dem_jax.merge.from_config.merge_from_config``; every tensor of the two outputs is compared.
 Tolerance 1e-6 absolute: both compute in float32 but sum in different orders
 (torch vs XLA reductions), a few ulps of values below ~1.3.
 
@@ -19,7 +19,7 @@ import yaml
 from safetensors.numpy import load_file
 from test_merge import make_family
 
-from dem_jax.merge.engine import merge_from_config
+from dem_jax.merge.from_config import merge_from_config
 
 TOL = 1e-6
 

@@ -11,7 +11,9 @@ from test_pipeline import TINY_DATA, mini_config
 import dem_jax
 from dem_jax.cli import main
 from dem_jax.config.loader import load_run_config
-from dem_jax.config.run import DataConfig, ModelConfig
+from dem_jax.config.model import ModelConfig
+from dem_jax.config.run import DataConfig
+from dem_jax.data.batches import encode_records, pad_batches
 from dem_jax.data.pipeline import Split, mixture_weights
 from dem_jax.data.records import read_jsonl
 from dem_jax.data.tokenize import load_tokenizer
@@ -20,7 +22,6 @@ from dem_jax.io.run_layout import RunLayout
 from dem_jax.merge.methods.fisher import diagonal_fisher, fisher_merge
 from dem_jax.merge.methods.regmean import gram_matrices, regmean_merge
 from dem_jax.mixture.taskpgm import taskpgm_proportions
-from dem_jax.search.score import encode_records, pad_batches
 
 NAMES = ("reverse", "sort")
 TINY_MODEL = ModelConfig(

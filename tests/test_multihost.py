@@ -25,7 +25,7 @@ import numpy as np
 from test_resume import STEPS, assert_same, committed_steps, train_args
 from train_helpers import ROOT, cli_env, dem_jax_cmd, load_params, run_cli
 
-from dem_jax.vectors.vector import load_vector
+from dem_jax.vectors.store import load_vector
 
 PROCESSES = 2
 DEVICES = 8  # in all: 4 CPU devices per process, 8 in the one-process reference

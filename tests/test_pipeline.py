@@ -130,9 +130,9 @@ def test_exported_model_matches_in_transformers(finished_run):
     import torch
     import transformers
 
+    from dem_jax.data.batches import encode_records
     from dem_jax.data.records import read_jsonl
     from dem_jax.data.tokenize import load_tokenizer
-    from dem_jax.search.score import encode_records
 
     out, _, _ = finished_run
     report = json.loads((out / "report" / "report.json").read_text())

@@ -14,18 +14,12 @@ import yaml
 import dem_jax
 from dem_jax import cli
 from dem_jax.config.loader import load_run_config
-from dem_jax.config.run import MeshConfig, ModelConfig, TrainConfig
+from dem_jax.config.model import ModelConfig
+from dem_jax.config.run import MeshConfig, TrainConfig
 from dem_jax.errors import DemError
-from dem_jax.plan.memory import (
-    KNOWN_ARCHITECTURES,
-    TPU_GENERATIONS,
-    GiB,
-    activation_bytes,
-    known_architecture,
-    parse_slice,
-    plan_memory,
-    sharded_param_elements,
-)
+from dem_jax.plan.architectures import KNOWN_ARCHITECTURES, known_architecture
+from dem_jax.plan.memory import activation_bytes, plan_memory, sharded_param_elements
+from dem_jax.plan.tpu import TPU_GENERATIONS, GiB, parse_slice
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"

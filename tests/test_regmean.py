@@ -12,11 +12,11 @@ from hf_models import VOCAB, save_hf_model
 from train_helpers import TINY_MODEL
 
 import dem_jax
+from dem_jax.data.batches import pad_batches
 from dem_jax.data.packing import make_rows
 from dem_jax.data.tokenize import Encoding
 from dem_jax.errors import DemError
 from dem_jax.merge.methods import regmean
-from dem_jax.search.score import pad_batches
 
 # --------------------------------------------------------- one linear layer
 

@@ -1,4 +1,5 @@
-"""Tests for dem_jax.hf.safetensors_io, checked against the official safetensors library."""
+"""Tests for dem_jax.io.hf.safetensors_{format,reader,writer}, checked against the official
+safetensors library."""
 
 from __future__ import annotations
 
@@ -14,15 +15,9 @@ import torch
 from safetensors import safe_open
 
 from dem_jax.errors import DemError
-from dem_jax.io.hf.safetensors_io import (
-    DTYPES,
-    SafetensorsCheckpoint,
-    SafetensorsFile,
-    ShardedSafetensorsWriter,
-    TensorSpec,
-    dtype_code,
-    plan_shards,
-)
+from dem_jax.io.hf.safetensors_format import DTYPES, dtype_code
+from dem_jax.io.hf.safetensors_reader import SafetensorsCheckpoint, SafetensorsFile
+from dem_jax.io.hf.safetensors_writer import ShardedSafetensorsWriter, TensorSpec, plan_shards
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 

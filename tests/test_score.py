@@ -9,8 +9,9 @@ from hf_models import save_hf_model
 
 import dem_jax
 from dem_jax import cli
+from dem_jax.data.batches import encode_records
 from dem_jax.data.tokenize import load_tokenizer
-from dem_jax.search.score import encode_records, score_model, score_rows
+from dem_jax.search.score import score_model, score_rows
 
 TEXT = [
     {"text": "w5 w7 w9 w11 w13"},

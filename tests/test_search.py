@@ -12,12 +12,16 @@ from hf_models import save_hf_model
 import dem_jax
 from dem_jax import cli
 from dem_jax.config.run import SearchConfig
+from dem_jax.data.batches import encode_records
 from dem_jax.data.tokenize import load_tokenizer
 from dem_jax.io.modeldir import Model
 from dem_jax.io.run_layout import RunLayout
 from dem_jax.model.transformer import param_shapes
-from dem_jax.search.run import MergeScorer, layer_leaves, merge_params, objective_value, run_search
-from dem_jax.search.score import encode_records, score_model
+from dem_jax.search.edit import edit_params, layer_leaves
+from dem_jax.search.objective import objective_value
+from dem_jax.search.score import score_model
+from dem_jax.search.scorer import MergeScorer
+from dem_jax.search.strategies import run_search
 
 NAMES = ("alpha", "beta")
 
@@ -160,7 +164,7 @@ def test_per_layer_merge_weighs_each_layer():
         for _ in range(3)
     ]
     omega = np.array([[1.0, 2.0, 3.0, 4.0], [0.5, 0.0, -1.0, 2.0]])
-    merged = merge_params(base, vecs, omega, layer_leaves(config))
+    merged = edit_params(base, vecs, omega, layer_leaves(config))
     q = lambda p: np.asarray(p["layers"]["attn"]["q_proj"]["kernel"])  # noqa: E731
     for layer in range(3):
         want = q(base)[layer] + omega[0, layer] * q(vecs[0])[layer]
@@ -203,7 +207,7 @@ def test_grid_returns_argmin_of_its_table(grid_run):
 
 def validation_sets(run_dir):
     from dem_jax.config.loader import load_run_config
-    from dem_jax.search.run import validation_records
+    from dem_jax.search.inputs import validation_records
 
     run = load_run_config(run_dir / "run.yaml")
     return {name: validation_records(run, name) for name in NAMES}
@@ -290,7 +294,8 @@ def test_bad_input_exits_2_with_one_line(run_dir, capsys, case):
 
 def test_saved_vectors_are_used_when_present(run_dir, tmp_path):
     from dem_jax.config.loader import load_run_config
-    from dem_jax.search.run import load_vectors
+    from dem_jax.search.inputs import load_vectors
+    from dem_jax.vectors import store as vector_store
     from dem_jax.vectors import vector as vectors_lib
 
     base = dem_jax.load_model(run_dir / "hf")
@@ -300,7 +305,7 @@ def test_saved_vectors_are_used_when_present(run_dir, tmp_path):
     for name in NAMES:
         ft = dem_jax.load_model(RunLayout(run_dir / "out").model(name))
         vector = vectors_lib.distribution_vector(base, ft, name=name)
-        vectors_lib.save_vector(vector, layout.vector(name))
+        vector_store.save_vector(vector, layout.vector(name))
         expected.append(vector.params)
     run = load_run_config(run_dir / "run.yaml", [f"output_dir={tmp_path}"])
     loaded = load_vectors(run, NAMES, base, mesh=None)

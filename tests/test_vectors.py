@@ -14,14 +14,10 @@ import dem_jax
 from dem_jax.commands import vectors as vectors_cmd
 from dem_jax.errors import DemError
 from dem_jax.io.hf.weights import tensor_maps
-from dem_jax.vectors.vector import (
-    check_compatible,
-    distribution_vector,
-    get_leaf,
-    load_vector,
-    save_vector,
-    vector_diagnostics,
-)
+from dem_jax.io.tree import get_leaf
+from dem_jax.vectors.diagnostics import vector_diagnostics
+from dem_jax.vectors.store import load_vector, save_vector
+from dem_jax.vectors.vector import check_compatible, distribution_vector
 
 
 @pytest.fixture(scope="module")

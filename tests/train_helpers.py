@@ -11,7 +11,7 @@ import jax
 import numpy as np
 
 from dem_jax.config.loader import load_run_config
-from dem_jax.config.run import ModelConfig
+from dem_jax.config.model import ModelConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "configs" / "tiny.yaml"

@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import time
 
+from dem_jax.commands.help import add_subcommand
 from dem_jax.errors import DemError
 from dem_jax.io import storage
 
 
 def register(sub) -> None:
     """Add the ``convert`` subcommand."""
-    p = sub.add_parser("convert", help="convert between Hugging Face and dem-jax formats")
+    p = add_subcommand(sub, "convert", run)
     p.add_argument("direction", choices=["hf-to-orbax", "orbax-to-hf"])
     p.add_argument("src", help="source model directory")
     p.add_argument("dst", help="destination directory (must not exist)")
@@ -31,14 +32,13 @@ def register(sub) -> None:
         action="store_true",
         help="replace dst if it exists (only once the new one is complete)",
     )
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Load SRC, write DST in the other format."""
-    from dem_jax.api import load_model, save_model
-    from dem_jax.cli import log, parse_mesh, parse_size
+    from dem_jax.commands.common import log, parse_mesh, parse_size
     from dem_jax.io.modeldir import model_format
+    from dem_jax.io.models import load_model, save_model
 
     want = "hf" if args.direction == "hf-to-orbax" else "orbax"
     found = model_format(args.src)

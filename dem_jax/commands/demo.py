@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+import argparse
+
+from dem_jax.commands.help import add_subcommand
+
 
 def register(sub) -> None:
     """Add the ``demo`` subcommand."""
-    p = sub.add_parser("demo", help="run the built-in demo on CPU")
+    p = add_subcommand(sub, "demo", run)
     p.add_argument("--out", default="dem_jax_demo", help="output directory")
-    p.set_defaults(func=lambda args: __import__("dem_jax.demo").demo.run_demo(args.out))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the demo pipeline under ``--out``."""
+    from dem_jax.commands.common import log
+    from dem_jax.demo.run import run_demo
+
+    return run_demo(args.out, log=log)

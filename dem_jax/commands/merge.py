@@ -1,6 +1,6 @@
 """``dem-jax merge MERGE.yaml --out DIR``: run a mergekit-format merge config.
 
-See :mod:`dem_jax.mergekit_config` for what of mergekit's YAML is supported, and for
+See :mod:`dem_jax.merge.request` for what of mergekit's YAML is supported, and for
 the dem-jax extensions: ``merge_method: fisher`` / ``regmean`` with a ``data`` file per
 model (statistics computed with sharded passes on ``--mesh``).
 """
@@ -11,11 +11,13 @@ import argparse
 import sys
 import time
 
+from dem_jax.commands.help import add_subcommand
+
 
 def cmd_merge(args: argparse.Namespace) -> int:
     """Merge as MERGE.yaml says and write the result to --out."""
-    from dem_jax.cli import parse_mesh, parse_size
-    from dem_jax.merge.engine import merge_from_config
+    from dem_jax.commands.common import parse_mesh, parse_size
+    from dem_jax.merge.from_config import merge_from_config
 
     start = time.perf_counter()
     out = merge_from_config(
@@ -34,7 +36,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 def register(subparsers) -> argparse.ArgumentParser:
     """Add ``merge`` to the ``dem-jax`` subcommands."""
-    p = subparsers.add_parser("merge", help="merge models as a mergekit MERGE.yaml says")
+    p = add_subcommand(subparsers, "merge", cmd_merge)
     p.add_argument(
         "config", help="mergekit-format YAML (model and data paths relative to its folder)"
     )
@@ -57,5 +59,4 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--max-shard-size", default="5GB", help="largest safetensors shard for --format hf"
     )
-    p.set_defaults(func=cmd_merge)
     return p

@@ -4,23 +4,19 @@ from __future__ import annotations
 
 import argparse
 
+from dem_jax.commands.help import add_subcommand
+
 
 def register(sub) -> None:
     """Add the ``pipeline`` subcommand."""
-    p = sub.add_parser(
-        "pipeline",
-        help="the whole DEM method: fine-tunes, vectors, search, baselines, report, export",
-        description="Run every stage of DEM from one config. Completed stages are skipped "
-        "on a re-run, so adding a distribution trains only that one.",
-    )
+    p = add_subcommand(sub, "pipeline", run)
     p.add_argument("config", help="run config YAML")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the pipeline and print the summary table."""
-    from dem_jax.cli import log
+    from dem_jax.commands.common import log
     from dem_jax.config.loader import load_run_config
     from dem_jax.pipeline import run_pipeline
 

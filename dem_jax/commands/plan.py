@@ -5,18 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 
+from dem_jax.commands.help import add_subcommand
+
 
 def register(sub) -> None:
     """Add the ``plan`` subcommand."""
-    p = sub.add_parser(
-        "plan",
-        help="per-device memory plan of a run config on a TPU slice",
-        description="Estimate the memory each device needs to fine-tune with CONFIG "
-        "(parameters, AdamW state, gradients, activations, sharded by the config's mesh) "
-        "and compare it with the slice's HBM. Exit status 0 if it fits, 2 if not. "
-        "Needs no weights: the architecture comes from --model-config, model.init, "
-        "a local model.path, or the shipped configs' own table.",
-    )
+    p = add_subcommand(sub, "plan", run)
     p.add_argument("config", help="run config YAML")
     p.add_argument(
         "--slice",
@@ -33,7 +27,6 @@ def register(sub) -> None:
     p.add_argument(
         "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.remat=true"
     )
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -7,26 +7,15 @@ import json
 import sys
 import time
 
+from dem_jax.commands.help import add_named, add_subcommand
 from dem_jax.errors import DemError
 
 
 def register(sub) -> None:
     """Add the ``score`` subcommand."""
-    p = sub.add_parser(
-        "score",
-        help="perplexity, mean NLL and bits per byte of a model per distribution",
-        description="Score a model on JSONL files: token-weighted mean NLL over loss tokens, "
-        "perplexity = exp(mean NLL), loss-token count, and bits per byte (NLL in bits over "
-        "the UTF-8 bytes of each record's text, or completion for prompt/completion records).",
-    )
+    p = add_subcommand(sub, "score", run)
     p.add_argument("--model", required=True, help="Hugging Face or dem-jax model directory")
-    p.add_argument(
-        "--data",
-        action="append",
-        required=True,
-        metavar="NAME=FILE.jsonl",
-        help="a named JSONL file to score; repeat for several distributions",
-    )
+    add_named(p, "--data", "NAME=FILE.jsonl", "a named JSONL file to score")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--batch-size", type=int, default=8, help="rows per forward pass (default 8)")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per row (default 512)")
@@ -40,7 +29,6 @@ def register(sub) -> None:
     )
     p.add_argument("--no-bos", action="store_true", help="do not prepend the BOS token")
     p.add_argument("--no-eos", action="store_true", help="do not append (and score) EOS")
-    p.set_defaults(func=run)
 
 
 def parse_data(items: list[str]) -> dict[str, str]:
@@ -58,10 +46,11 @@ def parse_data(items: list[str]) -> dict[str, str]:
 
 def run(args: argparse.Namespace) -> int:
     """Load the model, score every file, print a table (or JSON) on stdout."""
-    from dem_jax.api import load_model
-    from dem_jax.cli import log, parse_mesh
+    from dem_jax.commands.common import log, parse_mesh
     from dem_jax.data.records import read_jsonl
-    from dem_jax.search.score import check_batch_size, format_table, score_model
+    from dem_jax.io.models import load_model
+    from dem_jax.search.score import format_table, score_model
+    from dem_jax.sharding.placement import check_batch_size
 
     datasets = parse_data(args.data)
     if args.seq_len < 2:

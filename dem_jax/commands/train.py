@@ -4,17 +4,13 @@ from __future__ import annotations
 
 import argparse
 
+from dem_jax.commands.help import add_subcommand
 from dem_jax.errors import DemError
 
 
 def register(sub) -> None:
     """Add the ``train`` subcommand."""
-    p = sub.add_parser(
-        "train",
-        help="fine-tune the base on one distribution, or on the mixture",
-        description="Fine-tune the base model. Resumes from the latest checkpoint in "
-        "output_dir; SIGTERM saves a checkpoint and exits (status 143).",
-    )
+    p = add_subcommand(sub, "train", run)
     p.add_argument("config", help="run config YAML")
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--distribution", help="name of a distribution in data.distributions")
@@ -26,12 +22,11 @@ def register(sub) -> None:
     p.add_argument(
         "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.steps=20"
     )
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Train and report where the model went."""
-    from dem_jax.cli import log
+    from dem_jax.commands.common import log
     from dem_jax.config.loader import load_run_config
     from dem_jax.io.run_layout import MIXTURE
     from dem_jax.train.loop import Preempted, run_training

@@ -14,6 +14,7 @@ import re
 import sys
 import time
 
+from dem_jax.commands.help import add_named, add_subcommand
 from dem_jax.errors import DemError
 from dem_jax.io import storage
 from dem_jax.sharding.distributed import is_main_process
@@ -40,14 +41,11 @@ def parse_named_paths(entries: list[str], flag: str = "--model") -> list[tuple[s
 
 def cmd_vectors(args: argparse.Namespace) -> int:
     """Compute, save and diagnose one vector per --model."""
-    from dem_jax.api import load_model
-    from dem_jax.cli import parse_mesh
-    from dem_jax.vectors.vector import (
-        distribution_vector,
-        format_diagnostics,
-        save_vector,
-        vector_diagnostics,
-    )
+    from dem_jax.commands.common import parse_mesh
+    from dem_jax.io.models import load_model
+    from dem_jax.vectors.diagnostics import format_diagnostics, vector_diagnostics
+    from dem_jax.vectors.store import save_vector
+    from dem_jax.vectors.vector import distribution_vector
 
     models = parse_named_paths(args.model)
     out = storage.path(args.out)
@@ -79,20 +77,11 @@ def cmd_vectors(args: argparse.Namespace) -> int:
 
 def register(subparsers) -> argparse.ArgumentParser:
     """Add ``vectors`` to the ``dem-jax`` subcommands."""
-    p = subparsers.add_parser(
-        "vectors", help="distribution vectors (fine-tuned - base) and their diagnostics"
-    )
+    p = add_subcommand(subparsers, "vectors", cmd_vectors)
     p.add_argument("--base", required=True, help="base model directory (HF or dem-jax)")
-    p.add_argument(
-        "--model",
-        action="append",
-        required=True,
-        metavar="NAME=PATH",
-        help="a fine-tuned model; repeat for each distribution",
-    )
+    add_named(p, "--model", "NAME=PATH", "a fine-tuned model")
     p.add_argument("--out", required=True, help="directory for one vector per NAME")
     p.add_argument("--json", action="store_true", help="print the diagnostics as JSON")
     p.add_argument("--mesh", help="compute on a device mesh, e.g. fsdp=2,tensor=4")
     p.add_argument("--overwrite", action="store_true", help="replace existing vectors")
-    p.set_defaults(func=cmd_vectors)
     return p

@@ -1,4 +1,4 @@
-"""YAML run configs with dotted command-line overrides.
+"""The one config loader: typed dataclasses from YAML, with dotted command-line overrides.
 
     config = load_run_config("configs/tiny.yaml", ["train.steps=20", "data.seq_len=64"])
 
@@ -23,17 +23,42 @@ from dem_jax.errors import DemError
 
 
 def build(cls: type, data: Any, where: str) -> Any:
-    """Instantiate dataclass ``cls`` from a mapping, checking keys and types."""
+    """Instantiate dataclass ``cls`` from a mapping, checking keys and types.
+
+    Field metadata extends the schema: ``{"inline": True}`` on a dataclass-typed
+    field (default None) reads that dataclass's keys from this same mapping, and
+    ``{"unsupported": "what"}`` names a key that is refused with its own message.
+    A DemError from ``cls.__post_init__`` is prefixed with ``where`` unless it
+    already starts with it.
+    """
     if not isinstance(data, dict):
         raise DemError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    data = dict(data)
+    for name, f in fields.items():
+        if "unsupported" in f.metadata and name in data:
+            raise DemError(
+                f"{_join(where, name)}: {f.metadata['unsupported']} is not supported by dem-jax"
+            )
+    inline = {
+        name: _inline_type(hints[name]) for name, f in fields.items() if f.metadata.get("inline")
+    }
+    inline_values = {}
+    for name, inner in inline.items():
+        keys = [f.name for f in dataclasses.fields(inner)]
+        given = {k: data.pop(k) for k in keys if k in data}
+        inline_values[name] = build(inner, given, where) if given else None
+    known = [
+        n for n, f in fields.items() if "unsupported" not in f.metadata and n not in inline
+    ] + [f.name for inner in inline.values() for f in dataclasses.fields(inner)]
+    unknown = sorted(set(data) - set(fields) | (set(data) & set(inline)))
     if unknown:
         raise DemError(
-            f"{where or 'top level'}: unknown key {unknown[0]!r} (known: {', '.join(fields)})"
+            f"{where or 'top level'}: unknown key {unknown[0]!r} (known: {', '.join(known)})"
         )
     kwargs = {k: _coerce(hints[k], v, _join(where, k)) for k, v in data.items()}
+    kwargs.update(inline_values)
     missing = [
         name
         for name, f in fields.items()
@@ -43,7 +68,20 @@ def build(cls: type, data: Any, where: str) -> Any:
     ]
     if missing:
         raise DemError(f"{where or 'top level'}: missing required key {missing[0]!r}")
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except DemError as e:
+        if not where or str(e).startswith(where):
+            raise
+        raise DemError(f"{where}: {e}") from None
+
+
+def _inline_type(hint: Any) -> type:
+    """The dataclass of an inline field typed ``X | None``."""
+    options = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    if len(options) != 1 or not dataclasses.is_dataclass(options[0]):
+        raise TypeError(f"an inline field must be typed `Dataclass | None`, got {hint}")
+    return options[0]
 
 
 def _join(where: str, key: str) -> str:
@@ -154,6 +192,14 @@ def resolve_paths(data: dict[str, Any], base: Path) -> None:
         data["output_dir"] = fix(data["output_dir"])
 
 
+def parse_config(cls: type, data: Any, source: str | os.PathLike) -> Any:
+    """Dataclass ``cls`` built from a parsed YAML mapping; every error names ``source``."""
+    try:
+        return build(cls, data, "")
+    except DemError as e:
+        raise DemError(f"{source}: {e}") from None
+
+
 def load_run_config(path: str | os.PathLike, overrides: list[str] | None = None) -> RunConfig:
     """Read a run config YAML, apply overrides, validate. Relative paths in the
     file are relative to the file's folder; paths in overrides are taken as given
@@ -162,7 +208,4 @@ def load_run_config(path: str | os.PathLike, overrides: list[str] | None = None)
     data = load_yaml(path)
     resolve_paths(data, path.parent)
     apply_overrides(data, list(overrides or []))
-    try:
-        return build(RunConfig, data, "")
-    except DemError as e:
-        raise DemError(f"{path}: {e}") from None
+    return parse_config(RunConfig, data, path)

@@ -11,6 +11,8 @@ import json
 import os
 from typing import Any
 
+import numpy as np
+
 from dem_jax.errors import DemError
 from dem_jax.io import storage
 
@@ -57,8 +59,6 @@ def split_validation(
     records: list[dict[str, Any]], fraction: float, seed: int, where: str
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Deterministically hold out ``fraction`` of the records (at least one of each side)."""
-    import numpy as np
-
     if len(records) < 2:
         raise DemError(f"{where}: needs at least 2 records to split off validation data")
     order = np.random.default_rng(seed).permutation(len(records))

@@ -13,11 +13,15 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+import jax
 import yaml
 
+from dem_jax.config.loader import load_run_config
 from dem_jax.demo.synthetic import vocab_size, write_char_tokenizer, write_distributions
+from dem_jax.pipeline import run_pipeline
 
 DISTRIBUTIONS = ("arithmetic", "reverse", "sort", "text")
 
@@ -73,19 +77,14 @@ def demo_config(root: Path) -> dict:
     }
 
 
-def run_demo(out: str) -> int:
-    """Write the demo's data and config under ``out`` and run the pipeline."""
-    from dem_jax.cli import log
-    from dem_jax.config.loader import load_run_config
-    from dem_jax.pipeline import run_pipeline
-
+def run_demo(out: str, log: Callable[[str], None] = print) -> int:
+    """Write the demo's data and config under ``out`` and run the pipeline; ``log``
+    takes the progress lines."""
     start = time.perf_counter()
     root = Path(out).absolute()
     root.mkdir(parents=True, exist_ok=True)
     # Compiled programs are cached on disk: the many training runs share them.
     os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(root / ".xla_cache"))
-    import jax
-
     jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 

@@ -1,7 +1,7 @@
 """Built-in synthetic data: a character tokenizer and small distributions whose
 answers can be checked, for the demo, the tiny config and tests.
 
-    python -m dem_jax.synthetic OUT_DIR     # writes tokenizer/ and <name>.jsonl files
+    python -m dem_jax.demo.synthetic OUT_DIR     # writes tokenizer/ and <name>.jsonl files
 """
 
 from __future__ import annotations

@@ -22,7 +22,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from dem_jax.config.run import ModelConfig
+import jax
+from jax.experimental import multihost_utils
+
+from dem_jax.config.model import ModelConfig
 from dem_jax.errors import DemError
 from dem_jax.io import storage
 
@@ -104,10 +107,8 @@ def atomic_directory(dst: str | os.PathLike, overwrite: bool = False) -> Iterato
 
     Local directories are renamed (atomic). Object stores (``gs://``) have no
     rename: the move copies object by object with an incomplete marker in
-    ``dst`` that :func:`dem_jax.storage.check_complete` refuses, removed last.
+    ``dst`` that :func:`dem_jax.io.storage.check_complete` refuses, removed last.
     """
-    import jax
-
     dst = storage.path(dst)
     if dst.exists() and not overwrite:
         raise DemError(f"{dst}: output already exists (pass --overwrite to replace it)")
@@ -158,6 +159,4 @@ def _move_into_place(tmp: Any, dst: Any) -> None:
 
 def _barrier(multi: bool, name: str) -> None:
     if multi:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices(name)

@@ -14,11 +14,11 @@ import jax
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
-from dem_jax.config.run import ModelConfig
-from dem_jax.errors import DemError
+from dem_jax.config.model import ModelConfig
+from dem_jax.errors import DemError, first_line
 from dem_jax.io import storage
-from dem_jax.io.hf.checkpoint import read_json
 from dem_jax.io.modeldir import DEM_METADATA, Model, atomic_directory, copy_assets
+from dem_jax.io.storage import read_json
 from dem_jax.model.transformer import param_shapes
 from dem_jax.sharding.rules import param_shardings
 
@@ -99,7 +99,7 @@ def _check_stored_shapes(params_dir: storage.AnyPath, expected: dict[str, Any]) 
     try:
         stored = ocp.StandardCheckpointer().metadata(params_dir).item_metadata.tree
     except Exception as e:  # Orbax raises many types for unreadable checkpoints
-        raise DemError(f"{params_dir}: unreadable Orbax checkpoint ({_first_line(e)})") from None
+        raise DemError(f"{params_dir}: unreadable Orbax checkpoint ({first_line(e)})") from None
     want = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(expected)}
     have = {
         jax.tree_util.keystr(k): v
@@ -117,7 +117,3 @@ def _check_stored_shapes(params_dir: storage.AnyPath, expected: dict[str, Any]) 
                 f"{params_dir}: parameter {key} has shape {list(have[key].shape)}, "
                 f"{DEM_METADATA} implies {list(want[key].shape)}"
             )
-
-
-def _first_line(e: Exception) -> str:
-    return str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__

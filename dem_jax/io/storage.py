@@ -9,7 +9,7 @@ Orbax and TensorStore take either kind directly.
 
 What object stores lack, and what we do instead:
 
-* **No directory rename.** :func:`dem_jax.modeldir.atomic_directory` writes into a
+* **No directory rename.** :func:`dem_jax.io.modeldir.atomic_directory` writes into a
   temporary sibling and moves it object by object, with an *incomplete* marker
   (:data:`INCOMPLETE_MARKER`) in the destination while the move runs; readers
   refuse a directory that holds it (:func:`check_complete`).
@@ -23,6 +23,7 @@ What object stores lack, and what we do instead:
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import pathlib
 import shutil
@@ -190,15 +191,6 @@ def read_range(p: PathLike, start: int, end: int) -> bytes:
         return f.read(end - start)
 
 
-def save_figure(fig: Any, p: PathLike, dpi: int = 110) -> None:
-    """Save a matplotlib figure as PNG to a local path or URL."""
-    import io
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
-    write_bytes(p, buf.getvalue())
-
-
 def file_size(p: PathLike) -> int:
     """Size of a file in bytes."""
     p = path(p)
@@ -256,3 +248,16 @@ def local_copy(p: PathLike) -> pathlib.Path:
 def _mkdir(p: pathlib.Path) -> pathlib.Path:
     p.mkdir(parents=True, exist_ok=True)
     return p
+
+
+def read_json(path: AnyPath) -> dict[str, Any]:
+    """A JSON object from a file, or a DemError naming the file."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DemError(f"{path}: file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DemError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise DemError(f"{path}: expected a JSON object")
+    return data

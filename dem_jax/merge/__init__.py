@@ -1,0 +1,11 @@
+"""Merging models and distribution vectors, in mergekit's language.
+
+One registry of methods (``registry``, collecting ``methods/``: each method one
+object declaring its parameters, defaults and kernel, beside its math). Pure math:
+``arrays``, ``sparsify``, ``methods/*``. The engine: ``method`` (what a method is),
+``params`` (settings resolved per tensor), ``tensor_layout`` (leaves as HF tensors),
+``noise`` (mesh-independent draws), ``engine`` (a merge leaf by leaf), ``sources``
+(reading input leaves), ``output`` (writing the result). The YAML entry point:
+``request`` (MERGE.yaml to paths and settings) and ``from_config``. Data-aware
+merges over whole models: ``with_data``.
+"""

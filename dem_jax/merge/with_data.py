@@ -1,16 +1,14 @@
-"""Data-aware merges of whole models: Fisher-weighted averaging (:mod:`dem_jax.fisher`)
-and RegMean (:mod:`dem_jax.regmean`), each model's statistics taken on its own
-distribution's data.
+"""Data-aware merges of whole models (fisher, regmean: :mod:`dem_jax.merge.methods`), each
+model's statistics taken on its own distribution's data.
 
     batches = [record_batches(read_jsonl(f), tokenizer, DataOptions(), f) for f in files]
-    merged = data_merge_params("fisher", [m.params for m in models], config, batches)
+    merged, _, _ = merge_with_statistics("fisher", [m.params for m in models], config, batches)
 
 The one implementation behind ``dem-jax merge`` with ``merge_method: fisher`` or
-``regmean`` (dem-jax extensions of mergekit's YAML, see
-:mod:`dem_jax.mergekit_config`; :func:`merge_with_data`) and the pipeline's
-fisher / regmean baselines (:mod:`dem_jax.pipeline.data_stages`). Unlike the
-other methods these need every input whole (forward and backward passes over
-data), so the inputs are loaded onto the mesh rather than streamed leaf by leaf.
+``regmean`` (dem-jax extensions of mergekit's YAML, see :mod:`dem_jax.merge.request`;
+:func:`merge_with_data`) and the pipeline's fisher / regmean baselines. Unlike the
+other methods these need every input whole (forward and backward passes over data),
+so the inputs are loaded onto the mesh rather than streamed leaf by leaf.
 """
 
 from __future__ import annotations
@@ -27,16 +25,23 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from dem_jax.config.merge import DataOptions
+from dem_jax.data.batches import encode_records, pad_batches
+from dem_jax.data.records import read_jsonl
+from dem_jax.data.tokenize import load_tokenizer
 from dem_jax.errors import DemError
 from dem_jax.io import storage
 from dem_jax.io.hf.checkpoint import DEFAULT_MAX_SHARD_BYTES
-from dem_jax.merge.config import (
-    DEFAULT_FISHER_FLOOR,
-    DataOptions,
-    MergeRequest,
-    get_method,
-    resolve,
-)
+from dem_jax.io.modeldir import Model
+from dem_jax.io.models import load_model
+from dem_jax.merge.output import check_output, write_model
+from dem_jax.merge.params import Settings, resolve, settings_chain
+from dem_jax.merge.registry import DATA_METHODS, get_method
+from dem_jax.merge.request import MergeRequest
+from dem_jax.sharding.placement import check_batch_size, place_params
+from dem_jax.sharding.rules import param_shardings
+from dem_jax.vectors.store import is_vector_dir
+from dem_jax.vectors.vector import check_compatible
 
 Batch = dict[str, np.ndarray]
 
@@ -48,8 +53,6 @@ def record_batches(
     rows (one document per row, as the Fisher's per-example definition needs; a longer
     one split into rows), the last batch padded with rows without loss tokens.
     DemError naming ``where`` when no row has a loss token."""
-    from dem_jax.search.score import encode_records, pad_batches
-
     o = options
     if o.max_examples:
         records = records[: o.max_examples]
@@ -61,89 +64,65 @@ def record_batches(
     return pad_batches(rows, o.batch_size)
 
 
-def data_merge_params(
+def merge_with_statistics(
     method: str,
     params_list: Sequence[Any],
     config,
     batches: Sequence[Sequence[Mapping[str, Any]]],
     *,
     mesh: Mesh | None = None,
-    weights: Sequence[float] | None = None,
-    fisher_floor: float = DEFAULT_FISHER_FLOOR,
-    alpha: float = 0.9,
-    ridge: float = 1e-6,
-) -> Any:
-    """float32 merge of ``params_list`` (N models of one architecture, ``config``) by
-    ``method``, model i's statistics computed on ``batches[i]``.
+    model_parameters: Sequence[Mapping[str, Any] | None] | None = None,
+    parameters: Settings | Sequence[Settings] | None = None,
+) -> tuple[Any, list[dict[str, Any]], dict[str, Any]]:
+    """float32 merge of ``params_list`` (N models of one architecture, ``config``) by a
+    data-aware ``method``, model i's statistics computed on ``batches[i]``.
 
-    ``"fisher"``: :func:`~dem_jax.fisher.diagonal_fisher` of each model, merged by
-    :func:`~dem_jax.fisher.fisher_merge` with per-model ``weights`` (default all 1)
-    and ``fisher_floor``. ``"regmean"``: :func:`~dem_jax.regmean.gram_matrices` of each
-    model, merged by :func:`~dem_jax.regmean.regmean_merge` with ``alpha`` and
-    ``ridge``. With ``mesh`` every pass runs sharded (parameters by the sharding
-    rules, batches over data*fsdp) and the result lies on the parameters' shardings.
+    ``model_parameters`` (one mapping per model) and ``parameters`` (global, or a
+    chain of them, highest precedence first) hold
+    single numbers; unset ones take the method's defaults. With ``mesh`` every pass
+    runs sharded (parameters by the sharding rules, batches over data*fsdp) and the
+    result lies on the parameters' shardings. Returns (merged parameters, resolved
+    per-model parameters, resolved global parameters).
     """
-    from dem_jax.merge.methods.fisher import diagonal_fisher, fisher_merge
-    from dem_jax.merge.methods.regmean import gram_matrices, regmean_merge
-    from dem_jax.search.score import place_params
-    from dem_jax.sharding.rules import param_shardings
-
+    m = get_method(method)
+    if not m.data:
+        raise DemError(f"merge_method {m.name} reads no data (only {', '.join(DATA_METHODS)} do)")
     if len(params_list) != len(batches):
         raise DemError(f"{method}: {len(params_list)} models but {len(batches)} data sets")
+    if len(params_list) < m.min_models:
+        raise DemError(
+            f"merge_method {m.name} needs at least {m.min_models} models, got {len(params_list)}"
+        )
+    settings = model_parameters or [None] * len(params_list)
+    labels = [f"models[{i}]" for i in range(len(params_list))]
+    per_model, shared = resolve_scalars(m, settings, parameters, labels)
     # Statistics come back on the mesh: the parameters they are merged with go there too.
     params_list = [place_params(p, config, mesh) for p in params_list]
-    pairs = list(zip(params_list, batches, strict=True))
-    if method == "fisher":
-        fishers = [diagonal_fisher(p, config, b, mesh=mesh) for p, b in pairs]
-        merged = fisher_merge(params_list, fishers, weights, fisher_floor)
-    elif method == "regmean":
-        grams = [gram_matrices(p, config, b, mesh=mesh) for p, b in pairs]
-        merged = regmean_merge(params_list, grams, alpha=alpha, ridge=ridge)
-    else:
-        raise DemError(f"unknown data-aware merge {method!r} (known: fisher, regmean)")
+    merged = m.merge_models(params_list, config, batches, mesh, per_model, shared)
     if mesh is not None:
         merged = jax.device_put(merged, param_shardings(config, mesh))
-    return merged
+    return merged, per_model, shared
 
 
-# ------------------------------------------------------------------ MERGE.yaml
-
-
-def _scalar_parameters(req: MergeRequest) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """(per-model values, shared values) of the method's parameters, defaults filled in.
-    Settings are single numbers (checked when the YAML was parsed)."""
-    method = get_method(req.method)
-    if len(req.models) < method.min_models:
-        raise DemError(
-            f"merge_method {method.name} needs at least {method.min_models} models, "
-            f"got {len(req.models)}"
-        )
+def resolve_scalars(
+    method, model_settings: Sequence[Settings | None], parameters, labels: Sequence[str]
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """(per-model values, shared values) of a data-aware method's parameters, defaults
+    filled in and checked by the method. Settings are single numbers."""
+    chain = settings_chain(parameters)
     per_model = [
-        {
-            s.name: resolve(s, [settings, *req.parameters], "", 0.0, str(path))
-            for s in method.params
-            if s.per_model
-        }
-        for settings, path in zip(req.model_parameters, req.models, strict=True)
+        {s.name: resolve(s, [own, *chain], "", 0.0, label) for s in method.params if s.per_model}
+        for own, label in zip(model_settings, labels, strict=True)
     ]
     shared = {
-        s.name: resolve(s, req.parameters, "", 0.0, "parameters")
-        for s in method.params
-        if not s.per_model
+        s.name: resolve(s, chain, "", 0.0, "parameters") for s in method.params if not s.per_model
     }
-    if method.name == "fisher":
-        if shared["fisher_floor"] <= 0:
-            raise DemError(f"parameters: fisher_floor must be > 0, got {shared['fisher_floor']}")
-        if not any(v["weight"] > 0 for v in per_model):
-            raise DemError("parameters: fisher needs at least one model with weight > 0")
+    method.check_scalars(per_model, shared)
     return per_model, shared
 
 
 def _load_inputs(req: MergeRequest, mesh: Mesh | None) -> list:
     """Every input model, on the mesh; all of one architecture."""
-    from dem_jax.api import load_model
-    from dem_jax.vectors.vector import check_compatible, is_vector_dir
-
     models = []
     for path in req.models:
         if is_vector_dir(path):
@@ -173,19 +152,21 @@ def merge_with_data(
     (``req.data_options``), then the models (loaded on ``mesh``, rounded to
     ``dtype`` when given, statistics in float32). The merge is cast to
     ``out_dtype`` (default ``dtype``, else the inputs' promoted dtype) and written
-    complete-or-absent by :func:`dem_jax.merge.write_model`.
+    complete-or-absent by :func:`dem_jax.merge.output.write_model`.
     """
-    from dem_jax.data.records import read_jsonl
-    from dem_jax.data.tokenize import load_tokenizer
-    from dem_jax.io.modeldir import Model
-    from dem_jax.merge.engine import check_output, write_model
-    from dem_jax.search.score import check_batch_size
-
     check_output(out, format, overwrite)
     opts = req.data_options or DataOptions()
     if mesh is not None:
         check_batch_size(opts.batch_size, mesh, "batch_size")
-    per_model, shared = _scalar_parameters(req)
+    method = get_method(req.method)
+    if len(req.models) < method.min_models:
+        raise DemError(
+            f"merge_method {method.name} needs at least {method.min_models} models, "
+            f"got {len(req.models)}"
+        )
+    # Every parameter resolved and checked before any data or weights are read.
+    labels = [str(p) for p in req.models]
+    resolve_scalars(method, req.model_parameters, req.parameters, labels)
     tokenizer_dir = req.tokenizer_source or req.base or req.models[0]
     tokenizer = load_tokenizer(tokenizer_dir)
     batches = [
@@ -206,16 +187,14 @@ def merge_with_data(
     stored = functools.reduce(jnp.promote_types, [jnp.dtype(m.config.param_dtype) for m in models])
     params = [jax.tree.map(as_input, m.params) for m in models]
     del models[1:]  # only the first's config and assets are kept
-    merged = data_merge_params(
+    merged, per_model, shared = merge_with_statistics(
         req.method,
         params,
         config.replace(param_dtype="float32", dtype="float32"),
         batches,
         mesh=mesh,
-        weights=[v["weight"] for v in per_model] if req.method == "fisher" else None,
-        fisher_floor=shared.get("fisher_floor", DEFAULT_FISHER_FLOOR),
-        alpha=shared.get("alpha", 0.9),
-        ridge=shared.get("ridge", 1e-6),
+        model_parameters=req.model_parameters,
+        parameters=req.parameters,
     )
     del params
     out_dtype = req.out_dtype or req.dtype or str(stored)

@@ -55,7 +55,7 @@ def loglik_matrix(
         L[m, n] = (1 / |T_n|) Σ_{t ∈ T_n} log p_{θ_m}(y_t | y_<t)
 
     where T_n are the loss tokens of ``batches[n]`` (a list of (B, T) batches).
-    Token-weighted, as :mod:`dem_jax.score` (L[m, n] = −mean NLL).
+    Token-weighted, as :mod:`dem_jax.search.score` (L[m, n] = −mean NLL).
     """
     out = np.zeros((len(params_list), len(batches)))
     for n, dist_batches in enumerate(batches):

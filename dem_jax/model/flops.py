@@ -7,7 +7,7 @@ step costs a forward and a backward pass, counted as 3 forward passes.
 
 from __future__ import annotations
 
-from dem_jax.config.run import ModelConfig
+from dem_jax.config.model import ModelConfig
 
 
 def forward_flops(c: ModelConfig, batch: int, length: int) -> float:

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dem_jax.config.run import ModelConfig
+from dem_jax.config.model import ModelConfig
 from dem_jax.model.transformer import bind, init_cache
 
 

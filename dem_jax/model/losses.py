@@ -5,6 +5,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from dem_jax.model.transformer import apply
+
 
 def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
     """Negative log-likelihood of each target (B, T), float32."""
@@ -22,8 +24,6 @@ def masked_nll_sum(logits, targets, loss_mask) -> tuple[jax.Array, jax.Array]:
 
 def batch_nll(params, config, batch) -> tuple[jax.Array, jax.Array]:
     """Summed NLL and token count of a batch of rows (see dem_jax.data.packing)."""
-    from dem_jax.model.transformer import apply
-
     logits = apply(
         params,
         config,

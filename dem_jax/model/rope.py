@@ -11,7 +11,7 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-from dem_jax.config.run import ModelConfig
+from dem_jax.config.model import ModelConfig
 
 
 def inverse_frequencies(config: ModelConfig) -> np.ndarray:

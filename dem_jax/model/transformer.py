@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dem_jax.config.run import ModelConfig
+from dem_jax.config.model import ModelConfig
 from dem_jax.model.rope import apply_rope, rope_tables
 
 # Large enough to mean "no window" for any real sequence.

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from dem_jax.io import storage
+from dem_jax.io.figures import pyplot, save_figure
 from dem_jax.sharding.distributed import is_main_process
 
 
@@ -113,12 +114,8 @@ def _markdown(result: dict[str, Any], plots: list[str]) -> str:
 
 
 def _plots(result: dict[str, Any], out: Path, root: Path) -> list[str]:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return []
     names, models = result["distributions"], list(result["models"])
     made = []
@@ -133,8 +130,7 @@ def _plots(result: dict[str, Any], out: Path, root: Path) -> list[str]:
     ax.set_title("validation perplexity (colour: log scale)")
     fig.colorbar(im, ax=ax, label="NLL")
     fig.tight_layout()
-    storage.save_figure(fig, out / "heatmap.png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, out / "heatmap.png", dpi=120)
     made.append("heatmap.png")
 
     curves = sorted((root / "logs").glob("*.jsonl"))
@@ -150,8 +146,7 @@ def _plots(result: dict[str, Any], out: Path, root: Path) -> list[str]:
         ax.legend(fontsize=7)
         ax.set_title("training curves")
         fig.tight_layout()
-        storage.save_figure(fig, out / "training_curves.png", dpi=120)
-        plt.close(fig)
+        save_figure(fig, out / "training_curves.png", dpi=120)
         made.append("training_curves.png")
     search_png = root / "search" / "search.png"
     if search_png.exists():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,21 +12,26 @@ from typing import Any
 import jax
 import numpy as np
 
-from dem_jax.api import load_model, save_model
 from dem_jax.config.run import BaseModelConfig, RunConfig
 from dem_jax.data.pipeline import distribution_records, read_proportions
 from dem_jax.data.tokenize import load_tokenizer
 from dem_jax.io import storage
 from dem_jax.io.modeldir import Model
+from dem_jax.io.models import load_model, save_model
 from dem_jax.io.run_layout import RunLayout
+from dem_jax.merge.engine import MergeInput, merge
+from dem_jax.mixture.stage import taskpgm_from_config
 from dem_jax.model.flops import forward_flops, train_flops
-from dem_jax.pipeline.data_stages import FISHER_MERGES, fisher_regmean_params, taskpgm_from_config
+from dem_jax.pipeline.baselines import FISHER_MERGES, fisher_regmean_params
 from dem_jax.pipeline.evaluate import evaluate_model
 from dem_jax.pipeline.report import format_table, summary_rows, write_report
 from dem_jax.pipeline.state import StageState, fingerprint, model_stamp
+from dem_jax.search.run import build_scorer, search_from_config
 from dem_jax.sharding.distributed import initialize_from_env
 from dem_jax.sharding.rules import make_mesh
 from dem_jax.train.loop import run_training
+from dem_jax.vectors.store import save_vector
+from dem_jax.vectors.vector import distribution_vector
 
 PRETRAIN = "pretrain"
 
@@ -136,8 +142,7 @@ def _taskpgm(cfg: RunConfig, names: list[str], layout: RunLayout, state: StageSt
 
 
 def _vectors(base: Model, names: list[str], layout: RunLayout, state: StageState, log):
-    from dem_jax.vectors.vector import distribution_vector, save_vector
-
+    """Each fine-tune's distribution vector, saved at ``layout.vector(name)``."""
     for name in names:
         fp = fingerprint(model_stamp(layout.model(name)), base.config.to_dict())
         if state.is_done(f"vector:{name}", fp, layout.vector(name)):
@@ -152,8 +157,6 @@ def _vectors(base: Model, names: list[str], layout: RunLayout, state: StageState
 
 def _baselines(cfg, scorer, base: Model, names, layout: RunLayout, state, log) -> dict:
     """Merges over the same vectors; each saved under models/<baseline>."""
-    from dem_jax.merge.engine import MergeInput, merge
-
     p = cfg.pipeline
     stamps = [model_stamp(layout.vector(n)) for n in names]
     ft_stamps = [model_stamp(layout.model(n)) for n in names]
@@ -218,8 +221,6 @@ def _baselines(cfg, scorer, base: Model, names, layout: RunLayout, state, log) -
 
 def run_pipeline(cfg: RunConfig, log=print) -> PipelineResult:
     """Run every stage (skipping completed ones) and write the report."""
-    from dem_jax.search.run import build_scorer, search_from_config
-
     initialize_from_env()
     start = time.perf_counter()
     layout = RunLayout(cfg.output_dir)
@@ -329,8 +330,6 @@ def run_pipeline(cfg: RunConfig, log=print) -> PipelineResult:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    import json
-
     return json.loads(path.read_text())
 
 

@@ -50,224 +50,23 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from dem_jax.config.run import MeshConfig, ModelConfig, RunConfig, TrainConfig
-from dem_jax.errors import DemError
-from dem_jax.sharding.rules import MESH_AXES
+import jax
+from jax.sharding import AbstractMesh
 
-GiB = 2**30
+from dem_jax.config.loader import load_run_config
+from dem_jax.config.model import ModelConfig
+from dem_jax.config.run import MeshConfig, TrainConfig
+from dem_jax.errors import DemError
+from dem_jax.model.transformer import param_axes, param_shapes
+from dem_jax.plan.architectures import resolve_model_config
+from dem_jax.plan.tpu import GiB, TpuSlice, resolve_slice
+from dem_jax.sharding.rules import MESH_AXES, logical_to_spec
+
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 RESERVE = 0.10  # fraction of HBM kept back for XLA scratch, fragmentation and the runtime
-
-
-# --------------------------------------------------------------------------
-# TPU slices
-# --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TpuGeneration:
-    """One TPU generation, as Cloud TPU names and sizes its slices."""
-
-    name: str  # accelerator-type prefix, e.g. "v5litepod"
-    hbm_per_device: int  # bytes of HBM one JAX device sees
-    suffix_counts: str  # what the number in "v4-8" counts: "cores" or "chips"
-    cores_per_chip: int
-    devices_per_chip: int  # JAX devices per chip (1 with megacore, v4/v5p)
-    chips_per_host: int  # chips per TPU VM of a multi-host slice
-    runtime_version: str  # the TPU software version for JAX on this generation
-
-
-# Cloud TPU documentation: v4 32 GiB HBM per chip, 2 TensorCores as one device
-# (v4-8 = 8 cores = 4 chips); v5e "v5litepod-N" counts chips, 16 GiB each; v5p
-# "v5p-N" counts cores (v5p-32 = 16 chips), 95 GiB per chip; v6e "v6e-N" counts
-# chips, 32 GiB each; v2/v3 count cores and each core is its own device.
-TPU_GENERATIONS: dict[str, TpuGeneration] = {
-    g.name: g
-    for g in (
-        TpuGeneration("v2", 8 * GiB, "cores", 2, 2, 4, "tpu-ubuntu2204-base"),
-        TpuGeneration("v3", 16 * GiB, "cores", 2, 2, 4, "tpu-ubuntu2204-base"),
-        TpuGeneration("v4", 32 * GiB, "cores", 2, 1, 4, "tpu-ubuntu2204-base"),
-        TpuGeneration("v5litepod", 16 * GiB, "chips", 1, 1, 8, "v2-alpha-tpuv5-lite"),
-        TpuGeneration("v5p", 95 * GiB, "cores", 2, 1, 4, "v2-alpha-tpuv5"),
-        TpuGeneration("v6e", 32 * GiB, "chips", 1, 1, 8, "v2-alpha-tpuv6e"),
-    )
-}
-GENERATION_ALIASES = {"v5e": "v5litepod"}
-
-
-@dataclass(frozen=True)
-class TpuSlice:
-    """A slice such as ``v4-32``: how many devices, hosts and bytes each."""
-
-    accelerator_type: str  # as gcloud spells it, e.g. "v5litepod-16"
-    generation: TpuGeneration
-    chips: int
-    devices: int
-    hosts: int
-
-    @property
-    def hbm_per_device(self) -> int:
-        """Bytes of HBM per JAX device."""
-        return self.generation.hbm_per_device
-
-
-def parse_slice(name: str) -> TpuSlice:
-    """``"v4-8"``, ``"v5litepod-16"`` (or ``"v5e-16"``), ``"v5p-32"``, ``"v6e-8"`` -> TpuSlice."""
-    m = re.fullmatch(r"\s*(v\d+[a-z]*)-(\d+)\s*", name.lower())
-    prefix = GENERATION_ALIASES.get(m.group(1), m.group(1)) if m else None
-    if prefix not in TPU_GENERATIONS:
-        known = ", ".join(f"{g}-N" for g in TPU_GENERATIONS)
-        raise DemError(f"--slice: unknown TPU slice {name!r} (known: {known}; v5e-N = v5litepod-N)")
-    gen = TPU_GENERATIONS[prefix]
-    count = int(m.group(2))
-    per_unit = gen.cores_per_chip if gen.suffix_counts == "cores" else 1
-    if count <= 0 or count % per_unit:
-        raise DemError(
-            f"--slice: {name!r}: {gen.name} slices count {gen.suffix_counts}, "
-            f"{per_unit} per chip, so the number must be a positive multiple of {per_unit}"
-        )
-    chips = count // per_unit
-    hosts = max(1, math.ceil(chips / gen.chips_per_host))
-    return TpuSlice(f"{gen.name}-{count}", gen, chips, chips * gen.devices_per_chip, hosts)
-
-
-# --------------------------------------------------------------------------
-# Architectures known without their weights
-# --------------------------------------------------------------------------
-
-# The architecture fields of each model's Hugging Face config.json
-# (openlm-research/open_llama_{3b,7b,13b}, meta-llama/Llama-2-7b-hf), mapped
-# through dem_jax.hf.config like any config.json.
-_LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu"}
-KNOWN_ARCHITECTURES: dict[str, dict[str, Any]] = {
-    "openllama-3b": {
-        **_LLAMA,
-        "vocab_size": 32000,
-        "hidden_size": 3200,
-        "intermediate_size": 8640,
-        "num_hidden_layers": 26,
-        "num_attention_heads": 32,
-        "max_position_embeddings": 2048,
-        "rms_norm_eps": 1e-6,
-        "torch_dtype": "float16",
-    },
-    "openllama-7b": {
-        **_LLAMA,
-        "vocab_size": 32000,
-        "hidden_size": 4096,
-        "intermediate_size": 11008,
-        "num_hidden_layers": 32,
-        "num_attention_heads": 32,
-        "max_position_embeddings": 2048,
-        "rms_norm_eps": 1e-6,
-        "torch_dtype": "float16",
-    },
-    "openllama-13b": {
-        **_LLAMA,
-        "vocab_size": 32000,
-        "hidden_size": 5120,
-        "intermediate_size": 13824,
-        "num_hidden_layers": 40,
-        "num_attention_heads": 40,
-        "max_position_embeddings": 2048,
-        "rms_norm_eps": 1e-6,
-        "torch_dtype": "float16",
-    },
-    "llama-2-7b": {
-        **_LLAMA,
-        "vocab_size": 32000,
-        "hidden_size": 4096,
-        "intermediate_size": 11008,
-        "num_hidden_layers": 32,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 32,
-        "max_position_embeddings": 4096,
-        "rms_norm_eps": 1e-5,
-        "rope_theta": 10000.0,
-        "torch_dtype": "float16",
-    },
-}
-
-
-def known_architecture(name: str) -> ModelConfig:
-    """The ModelConfig of a built-in architecture (``openllama-7b``, ``llama-2-7b``, ...)."""
-    from dem_jax.io.hf.config import from_hf_config
-
-    if name not in KNOWN_ARCHITECTURES:
-        raise DemError(f"unknown architecture {name!r} (known: {', '.join(KNOWN_ARCHITECTURES)})")
-    return from_hf_config(KNOWN_ARCHITECTURES[name], where=f"architecture {name}")
-
-
-def read_model_config(source: str) -> ModelConfig:
-    """A ModelConfig from a known architecture name, a Hugging Face ``config.json``,
-    a ``dem_jax_model.json``, or a model directory holding either."""
-    from dem_jax.io.hf.checkpoint import read_json
-    from dem_jax.io.hf.config import from_hf_config
-    from dem_jax.io.modeldir import DEM_METADATA, HF_CONFIG
-
-    if source in KNOWN_ARCHITECTURES:
-        return known_architecture(source)
-    path = Path(source)
-    if path.is_dir():
-        for name in (DEM_METADATA, HF_CONFIG):
-            if (path / name).is_file():
-                path = path / name
-                break
-        else:
-            raise DemError(f"{source}: no {HF_CONFIG} or {DEM_METADATA} in this directory")
-    elif not path.is_file():
-        raise DemError(
-            f"{source}: not a file, a model directory or a known architecture "
-            f"({', '.join(KNOWN_ARCHITECTURES)})"
-        )
-    data = read_json(path)
-    if isinstance(data.get("model"), dict):  # dem_jax_model.json
-        return ModelConfig.from_dict(data["model"], where=f"{path}: model")
-    if "architectures" in data or "model_type" in data:
-        return from_hf_config(data, where=str(path))
-    return ModelConfig.from_dict(data, where=str(path))
-
-
-def resolve_model_config(
-    run: RunConfig, config_path: str | os.PathLike, model_config: str | None = None
-) -> tuple[ModelConfig, str]:
-    """The architecture a run trains, and where it came from.
-
-    In order: ``--model-config``; ``model.init``; ``model.arch``; a local
-    ``model.path``.
-    """
-    if model_config:
-        return read_model_config(model_config), model_config
-    if run.model.init is not None:
-        return ModelConfig.from_dict(dict(run.model.init), where="model.init"), "model.init"
-    if run.model.arch:
-        return known_architecture(run.model.arch), run.model.arch
-    path = run.model.path
-    if path and "://" not in path and Path(path).is_dir():
-        return read_model_config(path), path
-    raise DemError(
-        f"{config_path}: cannot read the architecture of model.path {path!r} here; "
-        f"pass --model-config with a config.json, a model directory or one of "
-        f"{', '.join(KNOWN_ARCHITECTURES)}"
-    )
-
-
-def resolve_slice(run: RunConfig, config_path: str | os.PathLike, name: str | None) -> TpuSlice:
-    """The slice to plan for: ``--slice``, else ``mesh.slice``."""
-    name = name or run.mesh.slice
-    if not name:
-        raise DemError(f"{config_path}: which TPU slice? pass --slice, e.g. --slice v4-8")
-    return parse_slice(name)
-
-
-# --------------------------------------------------------------------------
-# The plan
-# --------------------------------------------------------------------------
 
 
 def resolve_mesh(mesh: MeshConfig, devices: int) -> dict[str, int]:
@@ -292,11 +91,6 @@ def resolve_mesh(mesh: MeshConfig, devices: int) -> dict[str, int]:
 def sharded_param_elements(config: ModelConfig, mesh: dict[str, int]) -> dict[str, int]:
     """Parameter elements: in total, per device, and per device of one layer and of
     the embedding/output matrices once all-gathered over fsdp (tensor split kept)."""
-    import jax
-    from jax.sharding import AbstractMesh
-
-    from dem_jax.model.transformer import param_axes, param_shapes
-    from dem_jax.sharding.rules import logical_to_spec
 
     full = AbstractMesh(tuple(mesh[a] for a in MESH_AXES), MESH_AXES)
     tensor_only = AbstractMesh((1, 1, mesh["tensor"]), MESH_AXES)
@@ -534,7 +328,6 @@ def plan_run(
 ) -> MemoryPlan:
     """Load a run config and plan it on a slice (see :func:`resolve_model_config` and
     :func:`resolve_slice` for where the architecture and the slice come from)."""
-    from dem_jax.config.loader import load_run_config
 
     run = load_run_config(config_path, overrides)
     model, source = resolve_model_config(run, config_path, model_config)

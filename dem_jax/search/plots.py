@@ -1,4 +1,4 @@
-"""Pictures of a weight search (matplotlib, Agg backend, imported only when drawing).
+"""Pictures of a weight search (matplotlib through :mod:`dem_jax.io.figures`).
 
 Which picture depends on what was searched:
 
@@ -15,31 +15,16 @@ The chosen candidate is marked in every picture.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-from dem_jax.io import storage
-
-if TYPE_CHECKING:
-    from dem_jax.search.run import SearchResult
-
-
-def _pyplot():
-    """matplotlib.pyplot on the Agg backend, or None when matplotlib is missing."""
-    try:
-        import matplotlib
-    except ImportError:
-        return None
-    matplotlib.use("Agg")  # files only: no display needed, safe on headless hosts
-    import matplotlib.pyplot as plt
-
-    return plt
+from dem_jax.io.figures import pyplot, save_figure
+from dem_jax.search.strategies import SearchResult
 
 
 def plot_search(result: SearchResult, path: str | os.PathLike) -> bool:
     """Draw ``result`` into a PNG at ``path``; False (nothing written) without matplotlib."""
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None:
         return False
     omegas = np.array([c.omega for c in result.candidates])  # (n, k) or (n, k, L+1)
@@ -56,8 +41,7 @@ def plot_search(result: SearchResult, path: str | os.PathLike) -> bool:
     else:
         fig = _candidates_figure(plt, result, objective, best)
     fig.tight_layout()
-    storage.save_figure(fig, path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
     return True
 
 

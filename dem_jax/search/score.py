@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,13 +37,13 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from dem_jax.data.packing import empty_row, make_rows, stack_rows
+from dem_jax.data.batches import encode_records, pad_batches
 from dem_jax.data.records import read_jsonl
-from dem_jax.data.tokenize import encode_record, load_tokenizer
+from dem_jax.data.tokenize import load_tokenizer
 from dem_jax.errors import DemError
 from dem_jax.io.modeldir import Model
 from dem_jax.model.losses import batch_nll
-from dem_jax.sharding.rules import BATCH_AXES, batch_sharding, param_shardings
+from dem_jax.sharding.placement import check_batch_size, place_batch, place_params
 
 Progress = Callable[[str], None]
 
@@ -82,86 +82,6 @@ class Score:
             "nll_sum": self.nll_sum,
         }
         return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in out.items()}
-
-
-@dataclass
-class EncodedSet:
-    """One distribution's scoring rows and what the byte count needs."""
-
-    rows: list[dict[str, np.ndarray]]
-    tokens: int  # loss tokens over all rows
-    bytes: int  # scored bytes
-    records: int
-
-
-def scored_text(record: Mapping[str, Any]) -> str:
-    """The loss-bearing field of a record, whose bytes bits-per-byte divides by."""
-    return record["text"] if "text" in record else record["completion"]
-
-
-def encode_records(
-    records: Iterable[Mapping[str, Any]],
-    tokenizer,
-    seq_len: int,
-    packing: bool = False,
-    template: str = "{prompt}",
-    add_bos: bool = True,
-    add_eos: bool = True,
-) -> EncodedSet:
-    """Tokenise records into scoring rows (longer documents split into pieces)."""
-    encodings, n_bytes, n_records = [], 0, 0
-    for record in records:
-        encoding = encode_record(tokenizer, record, template, add_bos, add_eos)
-        encodings.append(encoding)
-        n_records += 1
-        if encoding.loss_mask[1:].any():  # position 0 is never a target
-            n_bytes += len(scored_text(record).encode("utf-8"))
-    rows = make_rows(encodings, seq_len, packing)
-    tokens = int(sum(r["loss_mask"].sum() for r in rows))
-    return EncodedSet(rows, tokens, n_bytes, n_records)
-
-
-def pad_batches(
-    rows: list[dict[str, np.ndarray]], batch_size: int, max_batches: int = 0
-) -> list[dict[str, np.ndarray]]:
-    """Batches (B, T) of ``rows``; the last filled with blank rows. ``max_batches`` > 0
-    keeps only the first that many."""
-    if max_batches:
-        rows = rows[: max_batches * batch_size]
-    if not rows:
-        return []
-    n = math.ceil(len(rows) / batch_size)
-    blank = empty_row(len(rows[0]["tokens"]))
-    rows = rows + [blank] * (n * batch_size - len(rows))
-    return [stack_rows(rows[i * batch_size : (i + 1) * batch_size]) for i in range(n)]
-
-
-def data_parallel_size(mesh: Mesh | None) -> int:
-    """How many ways a batch is split on ``mesh`` (1 without a mesh)."""
-    return 1 if mesh is None else math.prod(mesh.shape[a] for a in BATCH_AXES)
-
-
-def check_batch_size(batch_size: int, mesh: Mesh | None, where: str = "--batch-size") -> None:
-    """A batch must split evenly over the mesh's data-parallel axes."""
-    dp = data_parallel_size(mesh)
-    if batch_size <= 0 or batch_size % dp:
-        raise DemError(
-            f"{where}: {batch_size} must be a positive multiple of the mesh's "
-            f"data-parallel size (data*fsdp = {dp})"
-        )
-
-
-def place_params(params: Any, config, mesh: Mesh | None) -> Any:
-    """Parameters on their shardings (a no-op when they are already there)."""
-    return params if mesh is None else jax.device_put(params, param_shardings(config, mesh))
-
-
-def place_batch(batch: Mapping[str, np.ndarray], mesh: Mesh | None) -> dict[str, jax.Array]:
-    """A host batch as device arrays, split over the data-parallel axes."""
-    if mesh is None:
-        return {k: jax.device_put(v) for k, v in batch.items()}
-    sharding = batch_sharding(mesh)
-    return {k: jax.device_put(v, sharding) for k, v in batch.items()}
 
 
 # One compiled program per (config, shapes, shardings); params and batch are

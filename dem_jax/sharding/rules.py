@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from dem_jax.config.run import ModelConfig
+from dem_jax.config.model import ModelConfig
 from dem_jax.errors import DemError
 from dem_jax.model.transformer import param_axes, param_shapes
 

@@ -1,1 +1,1 @@
-"""Training: optimizer, jitted steps, checkpointing and the loop."""
+"""Training: optimizer, jitted steps, checkpointing, metrics, progress and the loop."""

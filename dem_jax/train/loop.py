@@ -19,9 +19,10 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
-from dem_jax.api import init_model, load_model, save_model
-from dem_jax.config.run import ModelConfig, RunConfig
+from dem_jax.config.model import ModelConfig
+from dem_jax.config.run import RunConfig
 from dem_jax.data.pipeline import (
     BatchIterator,
     eval_batches,
@@ -34,6 +35,7 @@ from dem_jax.data.tokenize import load_tokenizer
 from dem_jax.errors import DemError
 from dem_jax.io import storage
 from dem_jax.io.modeldir import Model
+from dem_jax.io.models import init_model, load_model, save_model
 from dem_jax.io.run_layout import MIXTURE, RunLayout
 from dem_jax.sharding.distributed import initialize_from_env
 from dem_jax.sharding.rules import batch_sharding, make_mesh
@@ -222,6 +224,4 @@ def _should_stop(stop: dict) -> bool:
     flag = stop["signal"] is not None
     if jax.process_count() == 1:
         return flag
-    from jax.experimental import multihost_utils
-
     return bool(np.any(multihost_utils.process_allgather(jnp.asarray(flag))))

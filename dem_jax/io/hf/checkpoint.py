@@ -14,25 +14,14 @@ from jax.sharding import Mesh
 from dem_jax.errors import DemError
 from dem_jax.io import storage
 from dem_jax.io.hf.config import from_hf_config, to_hf_config
-from dem_jax.io.hf.safetensors_io import SafetensorsCheckpoint, ShardedSafetensorsWriter
+from dem_jax.io.hf.safetensors_reader import SafetensorsCheckpoint
+from dem_jax.io.hf.safetensors_writer import ShardedSafetensorsWriter
 from dem_jax.io.hf.weights import check_checkpoint, hf_tensor_specs, iter_hf_tensors, read_params
 from dem_jax.io.modeldir import HF_CONFIG, Model, atomic_directory, copy_assets
+from dem_jax.io.storage import read_json
 from dem_jax.sharding.rules import param_shardings
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30  # what transformers' save_pretrained used for years
-
-
-def read_json(path: storage.AnyPath) -> dict[str, Any]:
-    """A JSON object from a file, or a DemError naming the file."""
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DemError(f"{path}: file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DemError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise DemError(f"{path}: expected a JSON object")
-    return data
 
 
 def load_hf(directory: str | os.PathLike, mesh: Mesh | None = None, dtype: str | None = None):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from dem_jax.config.run import ModelConfig, RopeScaling
+from dem_jax.config.model import ModelConfig, RopeScaling
 from dem_jax.errors import DemError
 
 # Hugging Face class -> (dem-jax architecture, model_type)

@@ -17,10 +17,12 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
-from dem_jax.config.run import ModelConfig
+from dem_jax.config.model import ModelConfig
 from dem_jax.errors import DemError
-from dem_jax.io.hf.safetensors_io import SafetensorsCheckpoint, TensorSpec
+from dem_jax.io.hf.safetensors_reader import SafetensorsCheckpoint
+from dem_jax.io.hf.safetensors_writer import TensorSpec
 from dem_jax.model.transformer import param_shapes
 
 # Tensors some checkpoints carry that hold no learned weights.
@@ -52,23 +54,14 @@ def tensor_maps(config: ModelConfig) -> list[TensorMap]:
     maps = [TensorMap(("embed", "embedding"), "model.embed_tokens.weight", False, 1)]
     for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
         is_o = proj == "o_proj"
-        maps.append(
-            TensorMap(
-                ("layers", "attn", proj, "kernel"),
-                f"{layer}self_attn.{proj}.weight",
-                True,
-                2 if is_o else 1,
-            )
-        )
+        # (our leaf, HF suffix, transpose, split) of the projection's kernel and bias
+        parts = [("kernel", "weight", True, 2 if is_o else 1)]
         if config.o_bias if is_o else config.qkv_bias:
-            maps.append(
-                TensorMap(
-                    ("layers", "attn", proj, "bias"),
-                    f"{layer}self_attn.{proj}.bias",
-                    False,
-                    1 if is_o else 2,
-                )
-            )
+            parts.append(("bias", "bias", False, 1 if is_o else 2))
+        maps += [
+            TensorMap(("layers", "attn", proj, leaf), f"{layer}self_attn.{proj}.{hf}", t, split)
+            for leaf, hf, t, split in parts
+        ]
     maps += [
         TensorMap(("layers", "mlp", p, "kernel"), f"{layer}mlp.{p}.weight", True, 1)
         for p in ("gate_proj", "up_proj", "down_proj")
@@ -211,8 +204,6 @@ def hf_tensor_specs(config: ModelConfig, dtype: np.dtype) -> list[TensorSpec]:
 def _to_host(array: jax.Array) -> np.ndarray:
     """The whole array on this host, also when it is sharded across processes."""
     if not array.is_fully_addressable:
-        from jax.experimental import multihost_utils
-
         return np.asarray(multihost_utils.process_allgather(array, tiled=True))
     return np.asarray(jax.device_get(array))
 

@@ -19,21 +19,22 @@ the log-likelihood of the row's *observed* targets. The paper's Fisher takes
 the expectation over y ~ p_θ(y | x) (exact for a classifier's few labels); over
 a language model's label *sequences* that expectation is intractable, so this
 is the empirical Fisher, the data's own y.
-Build rows with ``packing=False`` (as :func:`dem_jax.score.encode_records`
+Build rows with ``packing=False`` (as :func:`dem_jax.data.batches.encode_records`
 does by default) so a row is one document; a packed row's documents count as
 one example, and a document longer than a row counts as one example per piece.
-Rows without loss tokens (padding rows from :func:`dem_jax.score.pad_batches`)
+Rows without loss tokens (padding rows from :func:`dem_jax.data.batches.pad_batches`)
 are not counted.
 
 Whole-model use: ``dem-jax merge`` with ``merge_method: fisher`` (a dem-jax
-extension of mergekit's YAML, see :mod:`dem_jax.mergekit_config`) and the
-pipeline's ``fisher`` baseline, both through :mod:`dem_jax.data_merge`.
+extension of mergekit's YAML, see :mod:`dem_jax.merge.request`) and the
+pipeline's ``fisher`` baseline, both through :mod:`dem_jax.merge.with_data`.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import jax
@@ -41,8 +42,15 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from dem_jax.errors import DemError
+from dem_jax.merge.method import DataMergeMethod, ParamSpec, weight
 from dem_jax.model.losses import masked_nll_sum
 from dem_jax.model.transformer import apply
+from dem_jax.sharding.placement import (
+    check_batch_size,
+    data_parallel_size,
+    place_batch,
+    place_params,
+)
 from dem_jax.sharding.rules import param_shardings
 
 # Matena & Raffel's released code floors every Fisher at 1e-6 (``fisher_floor``).
@@ -116,14 +124,13 @@ def diagonal_fisher(
     gradients are held at once (must divide the batch size; default 1, or the
     mesh's data-parallel size): raise it for speed, keep it small for memory.
 
-    With ``mesh`` (:func:`dem_jax.sharding.make_mesh`) the parameters are placed
-    on :func:`~dem_jax.sharding.param_shardings`, each batch is split over the
+    With ``mesh`` (:func:`dem_jax.sharding.rules.make_mesh`) the parameters are placed
+    on :func:`~dem_jax.sharding.rules.param_shardings`, each batch is split over the
     data-parallel axes (the batch size must divide by data*fsdp) and the Fisher
     comes back sharded like the parameters; the numbers are those of the
     single-device pass up to summation order. Raises DemError when no row has a
     loss token.
     """
-    from dem_jax.search.score import check_batch_size, data_parallel_size, place_batch, place_params
 
     if rows_per_step is None:
         rows_per_step = data_parallel_size(mesh)
@@ -189,3 +196,33 @@ def fisher_merge(
         *params_list,
         *fishers,
     )
+
+
+@dataclass(frozen=True, kw_only=True)
+class Fisher(DataMergeMethod):
+    """Fisher-weighted averaging of the fine-tunes (dem-jax extension of MERGE.yaml)."""
+
+    def check_scalars(self, per_model: list[dict[str, Any]], shared: dict[str, Any]) -> None:
+        """The floor must be positive and some model must carry weight."""
+        if shared["fisher_floor"] <= 0:
+            raise DemError(f"parameters: fisher_floor must be > 0, got {shared['fisher_floor']}")
+        if not any(v["weight"] > 0 for v in per_model):
+            raise DemError("parameters: fisher needs at least one model with weight > 0")
+
+    def merge_models(self, params_list, config, batches, mesh, per_model, shared):
+        """Each model's diagonal Fisher on its own data, then the weighted average."""
+        pairs = zip(params_list, batches, strict=True)
+        fishers = [diagonal_fisher(p, config, b, mesh=mesh) for p, b in pairs]
+        weights = [v["weight"] for v in per_model]
+        return fisher_merge(params_list, fishers, weights, shared["fisher_floor"])
+
+
+METHODS = (
+    Fisher(
+        name="fisher",
+        params=(
+            weight(1.0, 0.0),
+            ParamSpec("fisher_floor", float, False, DEFAULT_FISHER_FLOOR, 0.0),
+        ),
+    ),
+)

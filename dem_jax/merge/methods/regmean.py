@@ -35,14 +35,15 @@ floats — for a 7B Llama about 22 GB, dominated by the F×F ``mlp_hidden``; on 
 mesh each Gram is sharded by its input dimension (:data:`GRAM_AXES`).
 
 Whole-model use: ``dem-jax merge`` with ``merge_method: regmean`` (a dem-jax
-extension of mergekit's YAML, see :mod:`dem_jax.mergekit_config`) and the
-pipeline's ``regmean`` baseline, both through :mod:`dem_jax.data_merge`.
+extension of mergekit's YAML, see :mod:`dem_jax.merge.request`) and the
+pipeline's ``regmean`` baseline, both through :mod:`dem_jax.merge.with_data`.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import jax
@@ -51,10 +52,14 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from dem_jax.errors import DemError
+from dem_jax.merge.method import DataMergeMethod, ParamSpec
 from dem_jax.model import transformer as model_lib
 from dem_jax.model.rope import rope_tables
+from dem_jax.sharding.placement import check_batch_size, place_batch, place_params
 from dem_jax.sharding.rules import tree_shardings
 
+DEFAULT_ALPHA = 0.9  # the paper's off-diagonal scale
+DEFAULT_RIDGE = 1e-6  # relative to the Gram diagonal
 _HI = jax.lax.Precision.HIGHEST  # no TF32/bf16 passes for Gram sums and solves
 
 # Parameter path (without the trailing "kernel") -> Gram key of its input.
@@ -91,7 +96,7 @@ class _Tap:
 def _gram_batch(params, config, batch) -> dict[str, jax.Array]:
     """Gram sums of every linear layer's input on one (B, T) batch, and its token count.
 
-    The forward pass is the model's own: :func:`dem_jax.model.bind` gives the NNX
+    The forward pass is the model's own: :func:`dem_jax.model.transformer.bind` gives the NNX
     modules, each layer runs ``Block.__call__`` (norms, RoPE, masked attention,
     SwiGLU), and the four Dense modules whose inputs are needed are wrapped in
     :class:`_Tap` for the call, so no attention or MLP math is re-implemented
@@ -172,12 +177,11 @@ def gram_matrices(
     :func:`regmean_merge`.
 
     With ``mesh`` the parameters are placed on
-    :func:`~dem_jax.sharding.param_shardings`, each batch is split over the
+    :func:`~dem_jax.sharding.rules.param_shardings`, each batch is split over the
     data-parallel axes (the batch size must divide by data*fsdp) and the Grams
     come back sharded (:func:`gram_shardings`); the numbers are those of the
     single-device pass up to summation order.
     """
-    from dem_jax.search.score import check_batch_size, place_batch, place_params
 
     fn = _gram_fn(config, mesh)
     params = place_params(params, config, mesh)
@@ -199,7 +203,9 @@ def reduce_off_diagonal(gram: jax.Array, alpha: float) -> jax.Array:
 
 
 @jax.jit
-def regmean_linear(kernels: jax.Array, grams: jax.Array, alpha=0.9, ridge=0.0) -> jax.Array:
+def regmean_linear(
+    kernels: jax.Array, grams: jax.Array, alpha=DEFAULT_ALPHA, ridge=0.0
+) -> jax.Array:
     """RegMean of one linear layer: kernels (N, Din, Dout), input Grams (N, Din, Din).
 
         W* = (Σ_i G̃_i + ε I)⁻¹ (Σ_i G̃_i W_i + ε W̄),   ε = ridge · mean(diag Σ_i G̃_i)
@@ -240,8 +246,8 @@ def _merge_kernel(kernels: list, grams: list, stacked: bool, alpha, ridge) -> ja
 def regmean_merge(
     params_list: Sequence[Any],
     grams: Sequence[Mapping[str, Any]],
-    alpha: float = 0.9,
-    ridge: float = 1e-6,
+    alpha: float = DEFAULT_ALPHA,
+    ridge: float = DEFAULT_RIDGE,
     normalize: bool = True,
 ) -> Any:
     """RegMean merge of N models with the same architecture; float32 parameters.
@@ -297,3 +303,25 @@ def _regmean_tree(params_list, grams, alpha, ridge, normalize):
         return _merge_kernel(list(leaves), site_grams, keys[0] == "layers", alpha, ridge)
 
     return jax.tree_util.tree_map_with_path(merge_leaf, *params_list)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RegMean(DataMergeMethod):
+    """RegMean over the fine-tunes (dem-jax extension of MERGE.yaml)."""
+
+    def merge_models(self, params_list, config, batches, mesh, per_model, shared):
+        """Each model's input Grams on its own data, then each linear layer solved."""
+        pairs = zip(params_list, batches, strict=True)
+        grams = [gram_matrices(p, config, b, mesh=mesh) for p, b in pairs]
+        return regmean_merge(params_list, grams, alpha=shared["alpha"], ridge=shared["ridge"])
+
+
+METHODS = (
+    RegMean(
+        name="regmean",
+        params=(
+            ParamSpec("alpha", float, False, DEFAULT_ALPHA, 0.0, 1.0),
+            ParamSpec("ridge", float, False, DEFAULT_RIDGE, 0.0),
+        ),
+    ),
+)

@@ -1,0 +1,104 @@
+"""Writing merged models: a model in memory saved as Orbax or Hugging Face, or a
+streaming merge written to Hugging Face shards leaf by leaf, complete or absent.
+
+    merge_to_directory("out", "ties", "base/", [MergeInput("ft1/", {"weight": 1, "density": 0.5})])
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+
+from dem_jax.errors import DemError
+from dem_jax.io import storage
+from dem_jax.io.hf.checkpoint import DEFAULT_MAX_SHARD_BYTES, finish_hf_directory, hf_writer
+from dem_jax.io.hf.config import to_hf_config
+from dem_jax.io.hf.weights import hf_tensor_specs
+from dem_jax.io.modeldir import Model, atomic_directory
+from dem_jax.io.models import save_model
+from dem_jax.merge.engine import MergePlan
+from dem_jax.merge.tensor_layout import layer_names_and_ts
+
+
+def merge_to_directory(
+    out: str | os.PathLike,
+    method: str,
+    base,
+    models,
+    *,
+    format: str = "orbax",
+    overwrite: bool = False,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    streaming: bool = True,
+    **options,
+) -> Path:
+    """Merge and write ``out`` as ``"orbax"`` or ``"hf"``, atomically (complete or absent).
+
+    With ``streaming`` and ``format="hf"`` each merged leaf is written as soon as
+    it is computed, so peak memory is one parameter per input plus one output
+    leaf; an Orbax output is collected on the mesh first and saved at the end.
+    """
+    check_output(out, format, overwrite)
+    run = MergePlan(method, base, models, streaming=streaming, **options)
+    try:
+        if streaming and format == "hf":
+            return _write_hf(run, out, overwrite, max_shard_bytes)
+        model = run.to_model()
+    finally:
+        run.close()
+    return write_model(
+        model, out, format=format, overwrite=overwrite, max_shard_bytes=max_shard_bytes
+    )
+
+
+def check_output(out: str | os.PathLike, format: str, overwrite: bool) -> None:
+    """``format`` is ``"hf"`` or ``"orbax"`` and ``out`` is free (or may be replaced)."""
+    if format not in ("orbax", "hf"):
+        raise DemError(f"--format: must be 'hf' or 'orbax', got {format!r}")
+    if storage.path(out).exists() and not overwrite:
+        raise DemError(f"{out}: output already exists (pass --overwrite to replace it)")
+
+
+def write_model(
+    model: Model,
+    out: str | os.PathLike,
+    *,
+    format: str = "orbax",
+    overwrite: bool = False,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> Path:
+    """Write a merged model held in memory as ``"orbax"`` or ``"hf"``, complete or absent."""
+    kwargs = {"max_shard_bytes": max_shard_bytes} if format == "hf" else {}
+    return save_model(model, out, format=format, overwrite=overwrite, **kwargs)
+
+
+def _host(leaf: jax.Array) -> np.ndarray:
+    if not leaf.is_fully_addressable:
+        return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
+    return np.asarray(jax.device_get(leaf))
+
+
+def _write_hf(run: MergePlan, out, overwrite: bool, max_shard_bytes: int) -> Path:
+    """Write the merge as a Hugging Face directory, one leaf at a time."""
+    config = run.output_config()
+    np_dtype = np.dtype(jnp.dtype(config.param_dtype))
+    with atomic_directory(out, overwrite) as tmp:
+        specs = hf_tensor_specs(config, np_dtype)
+        with hf_writer(tmp, specs, max_shard_bytes) as writer:
+            for tmap, leaf in run.leaves():
+                host = _host(leaf)
+                del leaf
+                layers = host if tmap.stacked else host[None]
+                names = layer_names_and_ts(tmap, config.num_layers)[0]
+                for name, one in zip(names, layers, strict=True):
+                    rows = math.prod(one.shape[: tmap.split])
+                    mat = one.reshape(rows, -1) if tmap.split < one.ndim else one.reshape(rows)
+                    writer.write(name, np.ascontiguousarray(mat.T if tmap.transpose else mat))
+        finish_hf_directory(tmp, to_hf_config(config, run.hf_config), run.assets_dir)
+    return storage.path(out)
