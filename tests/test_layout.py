@@ -115,3 +115,44 @@ def test_readme_layout_names_every_folder():
     assert folders - listed == set(), "folders missing from the README's Layout section"
     for name in listed & folders:
         assert (ROOT / "dem_jax" / name / "__init__.py").read_text().startswith('"""'), name
+
+
+# The layers of dem_jax/, lowest first (the README's Layout order): a module may
+# import its own layer and the layers before it, never a later one.
+LAYERS = (
+    "errors",
+    "config",
+    "model",
+    "sharding",
+    "io",
+    "data",
+    "train",
+    "vectors",
+    "merge",
+    "search",
+    "mixture",
+    "pipeline",
+    "plan",
+    "demo",
+    "commands",
+    "api",
+    "cli",
+)
+
+
+def _layer(module: str) -> int:
+    parts = module.split(".")
+    if len(parts) == 1 or parts[1] in ("__init__", "__main__"):
+        return len(LAYERS)  # the package itself re-exports the public API
+    return LAYERS.index(parts[1])
+
+
+def test_layers_import_only_downwards():
+    modules = {n: p for n, p in _modules().items() if n.startswith("dem_jax")}
+    upward = [
+        (name, dep)
+        for name, deps in import_graph(modules).items()
+        for dep in deps
+        if _layer(dep) > _layer(name)
+    ]
+    assert upward == []
