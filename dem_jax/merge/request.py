@@ -28,6 +28,7 @@ is an error, as is a data-aware method without ``data`` for every model.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +45,7 @@ from dem_jax.merge.params import check_parameters, check_scalar_settings
 from dem_jax.merge.registry import DATA_METHODS, get_method
 from dem_jax.vectors.store import is_vector_dir, vector_config
 
-DATA_KEYS = tuple(f for f in DataOptions.__dataclass_fields__)
+DATA_KEYS = tuple(f.name for f in dataclasses.fields(DataOptions))
 
 
 @dataclass

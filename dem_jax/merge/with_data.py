@@ -89,10 +89,6 @@ def merge_with_statistics(
         raise DemError(f"merge_method {m.name} reads no data (only {', '.join(DATA_METHODS)} do)")
     if len(params_list) != len(batches):
         raise DemError(f"{method}: {len(params_list)} models but {len(batches)} data sets")
-    if len(params_list) < m.min_models:
-        raise DemError(
-            f"merge_method {m.name} needs at least {m.min_models} models, got {len(params_list)}"
-        )
     settings = model_parameters or [None] * len(params_list)
     labels = [f"models[{i}]" for i in range(len(params_list))]
     per_model, shared = resolve_scalars(m, settings, parameters, labels)
@@ -108,7 +104,13 @@ def resolve_scalars(
     method, model_settings: Sequence[Settings | None], parameters, labels: Sequence[str]
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """(per-model values, shared values) of a data-aware method's parameters, defaults
-    filled in and checked by the method. Settings are single numbers."""
+    filled in and checked by the method (at least ``min_models`` models). Settings are
+    single numbers."""
+    if len(model_settings) < method.min_models:
+        raise DemError(
+            f"merge_method {method.name} needs at least {method.min_models} models, "
+            f"got {len(model_settings)}"
+        )
     chain = settings_chain(parameters)
     per_model = [
         {s.name: resolve(s, [own, *chain], "", 0.0, label) for s in method.params if s.per_model}
@@ -159,11 +161,6 @@ def merge_with_data(
     if mesh is not None:
         check_batch_size(opts.batch_size, mesh, "batch_size")
     method = get_method(req.method)
-    if len(req.models) < method.min_models:
-        raise DemError(
-            f"merge_method {method.name} needs at least {method.min_models} models, "
-            f"got {len(req.models)}"
-        )
     # Every parameter resolved and checked before any data or weights are read.
     labels = [str(p) for p in req.models]
     resolve_scalars(method, req.model_parameters, req.parameters, labels)
