@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 
 import jax
@@ -24,7 +23,7 @@ from common import best_of, llama_pair
 from dem_jax.config.run import TrainConfig
 from dem_jax.model.flops import train_flops
 from dem_jax.train.optimizer import make_optimizer
-from dem_jax.train.step import init_state, train_step
+from dem_jax.train.step import init_state, jit_train_step
 
 
 def matmul_flops_per_s(n: int = 2048, repeats: int = 5) -> float:
@@ -51,7 +50,7 @@ def main() -> None:
     cfg = TrainConfig(steps=1000, warmup_steps=0, compute_dtype="float32")
     tx = make_optimizer(cfg)
     state = init_state(model.params, tx)
-    step = jax.jit(functools.partial(train_step, config=config, tx=tx), donate_argnums=0)
+    step = jit_train_step(state, config=config, tx=tx)
     jbatch = {
         "tokens": jnp.asarray(tokens[:, :-1]),
         "targets": jnp.asarray(tokens[:, 1:]),

@@ -298,11 +298,11 @@ def test_plan_matches_real_sharded_optimizer_state(sharded_state):
 
 
 @pytest.mark.parametrize(
-    "remat, rows, accum",
-    [(True, 2, 2), (False, 4, 1)],
-    ids=["remat-accum", "no-remat"],
+    "remat, rows, accum, vocab",
+    [(True, 2, 2, 1024), (False, 4, 1, 1024), (False, 4, 1, 32768)],
+    ids=["remat-accum", "no-remat", "chunked-loss"],  # 4 x 256 x 32768 logits: 4 chunks
 )
-def test_plan_against_xla_buffer_assignment(remat, rows, accum):
+def test_plan_against_xla_buffer_assignment(remat, rows, accum, vocab):
     """Compile the real train step (abstract inputs, nothing allocated) and compare the
     plan with XLA's peak: arguments + outputs - donated aliases + temporaries. Float32
     compute, since XLA:CPU keeps bfloat16 intermediates in float32."""
@@ -311,7 +311,7 @@ def test_plan_against_xla_buffer_assignment(remat, rows, accum):
     from dem_jax.train.step import train_step
 
     config = ModelConfig(
-        vocab_size=1024,
+        vocab_size=vocab,
         hidden_size=128,
         intermediate_size=344,
         num_layers=3,

@@ -17,6 +17,7 @@ from dem_jax.errors import DemError
 ARCHITECTURES = ("llama", "mistral", "qwen2")
 DTYPES = ("float32", "bfloat16", "float16")
 ROPE_TYPES = ("default", "linear", "llama3")
+ATTENTION_KINDS = ("auto", "xla", "cudnn", "reference")
 
 
 @dataclass(frozen=True)
@@ -66,8 +67,16 @@ class ModelConfig:
     param_dtype: str = "float32"  # storage dtype of the weights
     dtype: str = "float32"  # compute dtype of activations and matmuls
     remat: bool = False  # recompute each layer in the backward pass (saves memory)
+    # Attention kernel (dem_jax.model.attention): "auto" (cuDNN flash attention on
+    # NVIDIA GPUs in 16-bit, else XLA's fused jax.nn.dot_product_attention), "xla",
+    # "cudnn", or "reference" (the plain einsum softmax the others are tested against).
+    attention: str = "auto"
 
     def __post_init__(self):
+        if self.attention not in ATTENTION_KINDS:
+            raise DemError(
+                f"model.attention: {self.attention!r} is not one of {', '.join(ATTENTION_KINDS)}"
+            )
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers"):
             if getattr(self, name) <= 0:
                 raise DemError(f"model.{name} must be positive, got {getattr(self, name)}")

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dem_jax.config.model import ModelConfig
+from dem_jax.model.attention import attention
 from dem_jax.model.rope import apply_rope, rope_tables
 
 # Large enough to mean "no window" for any real sequence.
@@ -92,7 +93,7 @@ class Attention(nnx.Module):
         self.k_proj = dense((d,), (k, hd), ("embed",), ("kv_heads", "head_dim"), bias=c.qkv_bias)
         self.v_proj = dense((d,), (k, hd), ("embed",), ("kv_heads", "head_dim"), bias=c.qkv_bias)
         self.o_proj = dense((h, hd), (d,), ("heads", "head_dim"), ("embed",), bias=c.o_bias)
-        self.num_kv_heads = k
+        self.kind = c.attention  # which kernel (dem_jax.model.attention)
 
     def __call__(self, x, cos, sin, mask, kv=None, index=None):
         """Attention of x (B, T, D) over itself, or, with a KV cache ``kv`` = (k, v) each
@@ -105,20 +106,9 @@ class Attention(nnx.Module):
             k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), start)  # (B, S, K, Dh)
             v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), start)
             kv = (k, v)
-        b, t, h, hd = q.shape
-        q = q.reshape(b, t, self.num_kv_heads, h // self.num_kv_heads, hd)  # (B, T, K, G, Dh)
-        out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
-        out = self.o_proj(out.reshape(b, t, h, hd))
+        out = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, self.kind)
+        out = self.o_proj(out)  # (B, T, H, Dh) -> (B, T, D)
         return out if kv is None else (out, kv)
-
-
-def dot_product_attention(q, k, v, mask):
-    """softmax(q k^T / sqrt(Dh)) v with a boolean mask (B, T, S); softmax in float32."""
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32)
-    scores = scores * (q.shape[-1] ** -0.5)
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("bkgts,bskd->btkgd", probs, v)
 
 
 class MLP(nnx.Module):
@@ -178,14 +168,7 @@ class DecoderLM(nnx.Module):
     def __call__(self, tokens, positions=None, segment_ids=None, cache=None):
         """Logits (B, T, V) float32; with a ``cache`` (see :func:`init_cache`) also the
         updated cache, the new tokens' keys and values written after the old ones."""
-        c = self.config
-        dtype = jnp.dtype(c.dtype)
-        if segment_ids is None:
-            segment_ids = jnp.ones_like(tokens)
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        cos, sin = rope_tables(c, positions)
-        x = jnp.take(self.embed.embedding[...], tokens, axis=0).astype(dtype)  # (B, T, D)
+        x, cos, sin, segment_ids = self._embed(tokens, positions, segment_ids)
         if cache is None:
             x, _ = self._run_layers(x, cos, sin, segment_ids, segment_ids, 0, None)
         else:
@@ -202,13 +185,35 @@ class DecoderLM(nnx.Module):
                 "segments": key_segments,
                 "index": index + tokens.shape[1],
             }
-        x = self.final_norm(x)
-        if c.tie_embeddings:
-            logits = x @ self.embed.embedding[...].astype(dtype).T
-        else:
-            logits = self.lm_head(x)
-        logits = logits.astype(jnp.float32)
+        logits = (self.final_norm(x) @ self.output_kernel()).astype(jnp.float32)
         return logits if cache is None else (logits, cache)
+
+    def hidden(self, tokens, positions=None, segment_ids=None):
+        """Final-normed hidden states (B, T, D) in the compute dtype: the logits are
+        ``hidden @ output_kernel()``, left to the caller so a loss can take them a
+        chunk at a time (see :func:`dem_jax.model.losses.chunked_nll_sum`)."""
+        x, cos, sin, segment_ids = self._embed(tokens, positions, segment_ids)
+        x, _ = self._run_layers(x, cos, sin, segment_ids, segment_ids, 0, None)
+        return self.final_norm(x)
+
+    def _embed(self, tokens, positions, segment_ids):
+        """Embedded tokens (B, T, D), the RoPE tables and the segment ids (defaults:
+        positions 0..T-1, one segment)."""
+        c = self.config
+        if segment_ids is None:
+            segment_ids = jnp.ones_like(tokens)
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        cos, sin = rope_tables(c, positions)
+        x = jnp.take(self.embed.embedding[...], tokens, axis=0).astype(jnp.dtype(c.dtype))
+        return x, cos, sin, segment_ids
+
+    def output_kernel(self, dtype=None) -> jax.Array:
+        """The (D, V) output projection: the lm_head, or the embedding when tied."""
+        dtype = jnp.dtype(self.config.dtype if dtype is None else dtype)
+        if self.config.tie_embeddings:
+            return self.embed.embedding[...].astype(dtype).T
+        return self.lm_head.kernel[...].astype(dtype)
 
     def _run_layers(self, x, cos, sin, q_segments, k_segments, index, kv):
         c = self.config
@@ -322,3 +327,9 @@ def bind(config: ModelConfig, params: dict[str, Any]) -> DecoderLM:
 def apply(params, config: ModelConfig, tokens, positions=None, segment_ids=None):
     """Pure forward pass: logits (B, T, V) float32 for tokens (B, T)."""
     return bind(config, params)(tokens, positions=positions, segment_ids=segment_ids)
+
+
+def apply_hidden(params, config: ModelConfig, tokens, positions=None, segment_ids=None):
+    """Pure forward pass up to the output projection: (hidden (B, T, D), kernel (D, V))."""
+    model = bind(config, params)
+    return model.hidden(tokens, positions, segment_ids), model.output_kernel()

@@ -33,7 +33,11 @@ v6e, a TensorCore on v2/v3) and follows the trainer in :mod:`dem_jax.train`:
   per attention score the float32 softmax, the compute-dtype probabilities and
   the boolean mask). The loss head keeps ``A_head = b·T·(D·(4 + c) + V·(c + 8))``
   (final norm; logits in the compute dtype and in float32; the float32
-  softmax). In total::
+  softmax) while the logits are small; past ``CHUNK_ELEMENTS`` the loss is
+  chunked (:func:`dem_jax.model.losses.chunked_nll_sum`) and keeps
+  ``b·T·D·(4 + 2c) + 4·D·V + b·C·V·(c + 4)`` (the final norm and ∂hidden, the
+  float32 ∂kernel, and one chunk of C positions' logits with one float32 buffer
+  for their softmax and gradient). In total::
 
       without remat:  (L + 1)·A_layer + A_head     (all layers, and gradients in flight)
       with remat:     L·b·T·D·c + A_layer + A_head (layer inputs; one layer recomputed)
@@ -60,6 +64,7 @@ from dem_jax.config.loader import load_run_config
 from dem_jax.config.model import ModelConfig
 from dem_jax.config.run import MeshConfig, TrainConfig
 from dem_jax.errors import DemError
+from dem_jax.model.losses import chunk_length
 from dem_jax.model.transformer import param_axes, param_shapes
 from dem_jax.plan.architectures import resolve_model_config
 from dem_jax.plan.tpu import GiB, TpuSlice, resolve_slice
@@ -128,7 +133,13 @@ def activation_bytes(
     f, v = split(config.intermediate_size), split(config.vocab_size)
     per_token = d * (4 * c + 8) + (h + 2 * k) * dh * c + h * dh * c + 5 * f * c
     layer = b * t * per_token + b * t * t * h * (4 + c + 1)
-    head = b * t * (d * (4 + c) + v * (c + 8))
+    # Past CHUNK_ELEMENTS logits the loss takes a chunk of positions at a time and
+    # forms its gradients in the same pass (dem_jax.model.losses).
+    chunk = chunk_length(b, t, config.vocab_size)
+    if chunk >= t:
+        head = b * t * (d * (4 + c) + v * (c + 8))
+    else:
+        head = b * t * d * (4 + 2 * c) + d * v * 4 + b * chunk * v * (c + 4)
     if remat:
         saved, working = layers * b * t * d * c, layer
     else:

@@ -7,6 +7,7 @@ donated to each step so the update happens in place.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -93,6 +94,40 @@ def train_step(state, batch, *, config: ModelConfig, tx, accum: int = 1):
     return {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 
 
+def jit_train_step(state, *, config: ModelConfig, tx, accum: int = 1):
+    """:func:`train_step` jitted with ``state`` donated and the new state pinned to
+    ``state``'s shardings. Left to XLA, outputs come back with equivalent but unequal
+    shardings (``P()`` for ``P(None, None)``), and the second step compiles again."""
+    shardings = jax.tree.map(lambda x: x.sharding, state)
+    replicated = _replicated_like(jax.tree.leaves(shardings)[0])
+    step = functools.partial(train_step, config=config, tx=tx, accum=accum)
+    return jax.jit(step, donate_argnums=0, out_shardings=(shardings, replicated))
+
+
 def eval_step(params, batch, *, config: ModelConfig):
     """(summed NLL, token count) of a batch."""
     return batch_nll(params, config, batch)
+
+
+def first_nonfinite(watch: dict[str, jax.Array], step, metrics) -> dict[str, jax.Array]:
+    """Remember the first step whose loss or gradient norm was NaN or inf, and those
+    values (``watch["step"]`` 0: none yet). Runs on device after every step, so
+    spotting divergence costs no host round trip; the loop reads it when it syncs."""
+    loss, grad_norm = metrics["loss"], metrics["grad_norm"]
+    first = (watch["step"] == 0) & ~(jnp.isfinite(loss) & jnp.isfinite(grad_norm))
+    return {
+        "step": jnp.where(first, jnp.int32(step), watch["step"]),
+        "loss": jnp.where(first, loss, watch["loss"]),
+        "grad_norm": jnp.where(first, grad_norm, watch["grad_norm"]),
+    }
+
+
+def no_nonfinite_yet() -> dict[str, jax.Array]:
+    """The initial value of :func:`first_nonfinite`'s ``watch``."""
+    return {"step": jnp.int32(0), "loss": jnp.float32(0), "grad_norm": jnp.float32(0)}
+
+
+def all_finite(params: Any) -> jax.Array:
+    """Whether every floating-point parameter is finite (a scalar bool)."""
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(params)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
