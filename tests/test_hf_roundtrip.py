@@ -32,11 +32,36 @@ def test_round_trip_is_bit_identical(case, dtype, tmp_path):
     dem_jax.save_model(dem_jax.load_model(mid), back, format="hf")
 
     assert raw_tensors(src) == raw_tensors(back)
-    assert json.loads((src / "config.json").read_text()) == json.loads(
-        (back / "config.json").read_text()
-    )
-    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
-        assert (src / name).read_bytes() == (back / name).read_bytes(), name
+    # Every source field kept; transformers 5 wrote the rope in `rope_parameters` only,
+    # so the export adds the 4.x keys (4.x would otherwise use rope_theta 10000), and
+    # token ids the config leaves null come from the tokenizer (<s> = 1, </s> = 2).
+    src_config = json.loads((src / "config.json").read_text())
+    rope = src_config["rope_parameters"]
+    scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+    tokenizer_ids = {"bos_token_id": 1, "eos_token_id": 2}
+    assert json.loads((back / "config.json").read_text()) == {
+        **src_config,
+        **{k: v for k, v in tokenizer_ids.items() if src_config.get(k) is None},
+        "rope_theta": rope["rope_theta"],
+        "rope_scaling": None if rope["rope_type"] == "default" else scaling,
+    }
+    assert (src / "tokenizer.json").read_bytes() == (back / "tokenizer.json").read_bytes()
+    # generation_config.json as the source wrote it, with the ids it lacked (so that
+    # generate() stops at EOS) taken from the exported config.
+    gen_src = json.loads((src / "generation_config.json").read_text())
+    back_config = json.loads((back / "config.json").read_text())
+    ids = ("bos_token_id", "eos_token_id", "pad_token_id")
+    filled = {
+        k: back_config[k] for k in ids if gen_src.get(k) is None and back_config.get(k) is not None
+    }
+    assert json.loads((back / "generation_config.json").read_text()) == {**gen_src, **filled}
+    # The tokenizer config too, but for transformers' 1e30 "no limit" placeholder and
+    # its 5.x-only class name.
+    tok_src = json.loads((src / "tokenizer_config.json").read_text())
+    tok_back = json.loads((back / "tokenizer_config.json").read_text())
+    assert tok_src.pop("model_max_length") > 1e29
+    assert tok_back.pop("model_max_length") == src_config["max_position_embeddings"]
+    assert tok_back == {**tok_src, "tokenizer_class": "PreTrainedTokenizerFast"}
 
 
 def test_export_loads_in_transformers_with_same_logits(tmp_path):

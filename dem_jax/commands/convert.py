@@ -7,7 +7,6 @@ import time
 
 from dem_jax.commands.help import add_subcommand
 from dem_jax.errors import DemError
-from dem_jax.io import storage
 
 
 def register(sub) -> None:
@@ -39,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
     from dem_jax.commands.common import log, parse_mesh, parse_size
     from dem_jax.io.modeldir import model_format
     from dem_jax.io.models import load_model, save_model
+    from dem_jax.io.outputs import check_disjoint, check_writable
 
     want = "hf" if args.direction == "hf-to-orbax" else "orbax"
     found = model_format(args.src)
@@ -48,8 +48,8 @@ def run(args: argparse.Namespace) -> int:
             f"{args.src}: is {kind[found]} directory, but {args.direction} "
             f"needs {kind[want]} directory"
         )
-    if storage.path(args.dst).exists() and not args.overwrite:
-        raise DemError(f"{args.dst}: output already exists (pass --overwrite to replace it)")
+    check_disjoint(args.dst, [("source model", args.src)], "dst")
+    check_writable(args.dst, args.overwrite)
     fmt = "orbax" if want == "hf" else "hf"
     kwargs = {"max_shard_bytes": parse_size(args.max_shard_size)} if fmt == "hf" else {}
     start = time.perf_counter()

@@ -48,7 +48,8 @@ def run(args: argparse.Namespace) -> int:
     """Load the model, score every file, print a table (or JSON) on stdout."""
     from dem_jax.commands.common import log, parse_mesh
     from dem_jax.data.records import read_jsonl
-    from dem_jax.io.models import load_model
+    from dem_jax.data.tokenize import check_tokenizer_fits, load_tokenizer
+    from dem_jax.io.models import load_model, read_model_config
     from dem_jax.search.score import format_table, score_model
     from dem_jax.sharding.placement import check_batch_size
 
@@ -59,13 +60,16 @@ def run(args: argparse.Namespace) -> int:
     check_batch_size(args.batch_size, mesh)
     # Read every file before loading the model, so bad data fails fast.
     records = {name: read_jsonl(path) for name, path in datasets.items()}
+    # And the tokenizer against the model's embedding, before its weights are read.
+    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    check_tokenizer_fits(tokenizer, read_model_config(args.model).vocab_size, str(args.model))
     start = time.perf_counter()
     model = load_model(args.model, mesh=mesh)
     log(f"loaded {args.model} ({time.perf_counter() - start:.1f}s)")
     scores = score_model(
         model,
         records,
-        args.tokenizer,
+        tokenizer,
         batch_size=args.batch_size,
         seq_len=args.seq_len,
         mesh=mesh,

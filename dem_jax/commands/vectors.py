@@ -43,8 +43,9 @@ def cmd_vectors(args: argparse.Namespace) -> int:
     """Compute, save and diagnose one vector per --model."""
     from dem_jax.commands.common import parse_mesh
     from dem_jax.io.models import load_model
+    from dem_jax.io.outputs import check_disjoint, check_writable
     from dem_jax.vectors.diagnostics import format_diagnostics, vector_diagnostics
-    from dem_jax.vectors.store import save_vector
+    from dem_jax.vectors.store import VECTOR_METADATA, save_vector
     from dem_jax.vectors.vector import distribution_vector
 
     models = parse_named_paths(args.model)
@@ -53,21 +54,29 @@ def cmd_vectors(args: argparse.Namespace) -> int:
         raise DemError(f"{out}: --out exists and is not a directory")
     if not storage.parent_exists(out):
         raise DemError(f"{out.parent}: --out's parent directory does not exist")
+    check_disjoint(out, [("base model", args.base), *(("model", p) for _, p in models)], "--out")
     for name, _ in models:
-        if (out / name).exists() and not args.overwrite:
-            raise DemError(f"{out / name}: output already exists (pass --overwrite to replace it)")
+        if out.exists():
+            check_writable(out / name, args.overwrite, (VECTOR_METADATA,))
     mesh = parse_mesh(args.mesh)
     start = time.perf_counter()
-    base = load_model(args.base, mesh=mesh)
-    storage.makedirs(out)
-    vectors = []
-    for name, path in models:
-        model = load_model(path, mesh=mesh)
-        vec = distribution_vector(base, model, name=name, base_path=args.base, model_path=path)
-        del model
-        save_vector(vec, out / name, overwrite=args.overwrite)
-        vectors.append(vec)
-        print(f"wrote {out / name} ({time.perf_counter() - start:.1f}s)", file=sys.stderr)
+    created = not out.exists()
+    try:
+        base = load_model(args.base, mesh=mesh)
+        storage.makedirs(out)
+        vectors = []
+        for name, path in models:
+            model = load_model(path, mesh=mesh)
+            vec = distribution_vector(base, model, name=name, base_path=args.base, model_path=path)
+            del model
+            save_vector(vec, out / name, overwrite=args.overwrite)
+            vectors.append(vec)
+            print(f"wrote {out / name} ({time.perf_counter() - start:.1f}s)", file=sys.stderr)
+    except BaseException:
+        # A run that fails before its first vector leaves no empty --out behind.
+        if created and is_main_process() and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
     diag = vector_diagnostics(vectors, [n for n, _ in models])
     if is_main_process():
         storage.write_text(out / DIAGNOSTICS_FILE, json.dumps(diag, indent=2) + "\n")

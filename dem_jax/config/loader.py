@@ -52,7 +52,7 @@ def build(cls: type, data: Any, where: str) -> Any:
     known = [
         n for n, f in fields.items() if "unsupported" not in f.metadata and n not in inline
     ] + [f.name for inner in inline.values() for f in dataclasses.fields(inner)]
-    unknown = sorted(set(data) - set(fields) | (set(data) & set(inline)))
+    unknown = sorted(set(data) - set(fields) | (set(data) & set(inline)), key=str)
     if unknown:
         raise DemError(
             f"{where or 'top level'}: unknown key {unknown[0]!r} (known: {', '.join(known)})"
@@ -147,23 +147,49 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise DemError(f"override {item!r}: {part!r} is not a mapping")
-        node[parts[-1]] = yaml.safe_load(raw) if raw else None
+        node[parts[-1]] = _yaml_value(raw, item) if raw else None
     return data
 
 
-def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
-    """A YAML mapping from a file, with a DemError naming the file on failure."""
-    path = Path(path)
+def _yaml_value(raw: str, item: str) -> Any:
     try:
-        data = yaml.safe_load(path.read_text())
+        return yaml.safe_load(raw)
+    except (yaml.YAMLError, ValueError, RecursionError) as e:
+        problem = str(getattr(e, "problem", None) or e).splitlines()[0]
+        raise DemError(f"override {item!r}: invalid YAML value ({problem})") from None
+
+
+def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """A YAML mapping from a UTF-8 file, with a DemError naming the file on failure
+    (missing, a directory, not text, not YAML, empty, or not a mapping)."""
+    path = Path(path)
+    if path.is_dir():
+        raise DemError(f"{path}: is a directory, expected a YAML config file")
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+        data = yaml.safe_load(text)
     except FileNotFoundError:
         raise DemError(f"{path}: config file not found") from None
+    except OSError as e:
+        raise DemError(f"{path}: cannot read ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise DemError(
+            f"{path}: not a YAML file (byte 0x{e.object[e.start]:02x} at offset {e.start} "
+            "is not UTF-8 text)"
+        ) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark else ""
-        raise DemError(f"{path}:{line} invalid YAML ({getattr(e, 'problem', e)})") from None
+        problem = str(getattr(e, "problem", None) or e).splitlines()[0]
+        raise DemError(f"{path}:{line} invalid YAML ({problem})") from None
+    except (ValueError, RecursionError) as e:  # e.g. a date such as 2024-13-45
+        raise DemError(f"{path}: invalid YAML ({e})") from None
+    if data is None:
+        raise DemError(f"{path}: the file is empty (expected a YAML mapping)")
     if not isinstance(data, dict):
-        raise DemError(f"{path}: expected a YAML mapping at the top level")
+        raise DemError(
+            f"{path}: expected a YAML mapping at the top level, got {type(data).__name__}"
+        )
     return data
 
 
@@ -183,7 +209,8 @@ def resolve_paths(data: dict[str, Any], base: Path) -> None:
     if isinstance(dcfg, dict):
         if isinstance(dcfg.get("tokenizer"), str):
             dcfg["tokenizer"] = fix(dcfg["tokenizer"])
-        for dist in (dcfg.get("distributions") or {}).values():
+        dists = dcfg.get("distributions")
+        for dist in dists.values() if isinstance(dists, dict) else ():
             if isinstance(dist, dict):
                 for key in ("train", "validation"):
                     if isinstance(dist.get(key), str):

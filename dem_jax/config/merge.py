@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dem_jax.config.model import DTYPES
+from dem_jax.config.run import check_prompt_template
 from dem_jax.errors import DemError
 
 
@@ -34,6 +35,7 @@ class DataOptions:
                 raise DemError(f"{name}: expected an integer >= {low}, got {getattr(self, name)!r}")
         if "{prompt}" not in self.prompt_template:
             raise DemError("prompt_template: expected a string with {prompt}")
+        check_prompt_template(self.prompt_template, "prompt_template")
 
 
 @dataclass

@@ -36,6 +36,23 @@ class DistributionConfig:
 MIXTURES = ("uniform", "size", "taskpgm")  # named data.mixture choices
 
 
+def check_prompt_template(template: str, where: str) -> None:
+    """DemError unless ``template`` is a ``str.format`` template whose only field is
+    ``{prompt}`` (the one value filled in), e.g. ``"Question: {prompt}\\nAnswer:"``."""
+    braces = "write {{ and }} for a literal brace"
+    try:
+        template.format(prompt="")
+    except KeyError as e:
+        raise DemError(
+            f"{where}: {template!r} names the field {{{e.args[0]}}}, but only {{prompt}} "
+            f"is filled in ({braces})"
+        ) from None
+    except (IndexError, ValueError, AttributeError, TypeError) as e:
+        raise DemError(
+            f"{where}: {template!r} is not a template with only {{prompt}} in it ({e}; {braces})"
+        ) from None
+
+
 @dataclass
 class DataConfig:
     """Tokenisation, packing and the distributions to train on."""
@@ -56,6 +73,7 @@ class DataConfig:
     def __post_init__(self):
         if self.seq_len < 2:
             raise DemError(f"data.seq_len must be >= 2, got {self.seq_len}")
+        check_prompt_template(self.prompt_template, "data.prompt_template")
         if isinstance(self.mixture, str) and self.mixture not in MIXTURES:
             raise DemError(
                 "data.mixture must be 'uniform', 'size', 'taskpgm' or a mapping, "
@@ -265,6 +283,16 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+
+    def input_paths(self) -> list[tuple[str, str | None]]:
+        """Every path the run reads, as ``(what, path)``: its outputs must avoid them."""
+        paths: list[tuple[str, str | None]] = [
+            ("base model", self.model.path),
+            ("tokenizer", self.data.tokenizer),
+        ]
+        for name, d in self.data.distributions.items():
+            paths += [(f"{name} training file", d.train), (f"{name} validation file", d.validation)]
+        return paths
 
     def __post_init__(self):
         if (self.model.path is None) == (self.model.init is None):

@@ -21,6 +21,7 @@ import yaml
 
 from dem_jax.config.loader import load_run_config
 from dem_jax.demo.synthetic import vocab_size, write_char_tokenizer, write_distributions
+from dem_jax.errors import DemError
 from dem_jax.pipeline import run_pipeline
 
 DISTRIBUTIONS = ("arithmetic", "reverse", "sort", "text")
@@ -77,11 +78,32 @@ def demo_config(root: Path) -> dict:
     }
 
 
+CONFIG_HEADER = "# Written by `dem-jax demo`; re-run it with `dem-jax pipeline` on this file.\n"
+
+
+def check_demo_dir(root: Path) -> None:
+    """DemError unless ``root`` is absent, empty, or an earlier demo's output (which the
+    demo resumes): the demo writes ``data/`` and ``config.yaml`` there."""
+    if not root.exists():
+        return
+    if not root.is_dir():
+        raise DemError(f"{root}: --out exists and is a file")
+    config = root / "config.yaml"
+    if any(root.iterdir()) and not (
+        config.is_file() and config.read_text(errors="replace").startswith(CONFIG_HEADER)
+    ):
+        raise DemError(
+            f"{root}: --out is a non-empty directory that is not a dem-jax demo output; "
+            "choose a new or empty directory"
+        )
+
+
 def run_demo(out: str, log: Callable[[str], None] = print) -> int:
     """Write the demo's data and config under ``out`` and run the pipeline; ``log``
     takes the progress lines."""
     start = time.perf_counter()
     root = Path(out).absolute()
+    check_demo_dir(root)
     root.mkdir(parents=True, exist_ok=True)
     # Compiled programs are cached on disk: the many training runs share them.
     os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(root / ".xla_cache"))
@@ -93,10 +115,7 @@ def run_demo(out: str, log: Callable[[str], None] = print) -> int:
         write_char_tokenizer(data / "tokenizer")
         write_distributions(data, DISTRIBUTIONS, n_train=2000, n_val=100, seed=0)
     config_path = root / "config.yaml"
-    config_path.write_text(
-        "# Written by `dem-jax demo`; re-run it with `dem-jax pipeline` on this file.\n"
-        + yaml.safe_dump(demo_config(root), sort_keys=False)
-    )
+    config_path.write_text(CONFIG_HEADER + yaml.safe_dump(demo_config(root), sort_keys=False))
     log(f"dem-jax demo: DEM on {len(DISTRIBUTIONS)} built-in distributions, in {root}")
     result = run_pipeline(load_run_config(config_path), log=log)
     print(result.summary)

@@ -11,9 +11,11 @@ import jax
 from jax.sharding import Mesh
 
 from dem_jax.config.model import ModelConfig
+from dem_jax.io import storage
 from dem_jax.io.hf.checkpoint import DEFAULT_MAX_SHARD_BYTES, load_hf, save_hf
-from dem_jax.io.modeldir import Model, model_format
-from dem_jax.io.orbax import load_orbax, save_orbax
+from dem_jax.io.hf.config import from_hf_config
+from dem_jax.io.modeldir import DEM_METADATA, HF_CONFIG, Model, model_format
+from dem_jax.io.orbax import load_orbax, read_metadata, save_orbax
 from dem_jax.model import transformer as model_lib
 from dem_jax.sharding.rules import param_shardings
 
@@ -31,6 +33,15 @@ def load_model(
     if model_format(path) == "hf":
         return load_hf(path, mesh=mesh, dtype=dtype)
     return load_orbax(path, mesh=mesh, dtype=dtype)
+
+
+def read_model_config(path: str | os.PathLike) -> ModelConfig:
+    """The config of a Hugging Face or dem-jax model directory, read without its weights
+    (to check inputs against the model before any work)."""
+    p = storage.path(path)
+    if model_format(p) == "hf":
+        return from_hf_config(storage.read_json(p / HF_CONFIG), str(p / HF_CONFIG))
+    return ModelConfig.from_dict(read_metadata(p)["model"], where=str(p / DEM_METADATA))
 
 
 def save_model(

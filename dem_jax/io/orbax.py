@@ -17,7 +17,9 @@ from jax.sharding import Mesh
 from dem_jax.config.model import ModelConfig
 from dem_jax.errors import DemError, first_line
 from dem_jax.io import storage
-from dem_jax.io.modeldir import DEM_METADATA, Model, atomic_directory, copy_assets
+from dem_jax.io.assets import write_model_card
+from dem_jax.io.modeldir import DEM_METADATA, Model, copy_assets
+from dem_jax.io.outputs import atomic_directory
 from dem_jax.io.storage import read_json
 from dem_jax.model.transformer import param_shapes
 from dem_jax.sharding.rules import param_shardings
@@ -30,7 +32,8 @@ PARAMS_DIR = "params"
 def save_orbax(
     model: Model, out: str | os.PathLike, dtype: str | None = None, overwrite: bool = False
 ) -> storage.AnyPath:
-    """Write ``model`` as a dem-jax directory, atomically."""
+    """Write ``model`` as a dem-jax directory (parameters, config, tokenizer files and a
+    model card), atomically."""
     params, config = model.params, model.config
     if dtype is not None and dtype != config.param_dtype:
         config = config.replace(param_dtype=dtype)
@@ -49,6 +52,7 @@ def save_orbax(
         if jax.process_index() == 0:  # every process saved its shards; one writes the rest
             (tmp / DEM_METADATA).write_text(json.dumps(meta, indent=2) + "\n")
             copy_assets(model.assets_dir, tmp)
+            write_model_card(tmp, model.metadata, model.assets_dir, "orbax")
     return storage.path(out)
 
 

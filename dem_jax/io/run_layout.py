@@ -9,9 +9,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from dem_jax.config.run import RunConfig
 from dem_jax.io import storage
+from dem_jax.io.outputs import check_disjoint, is_within
 
 MIXTURE = "mixture"  # name of the data-mixing baseline's training run
+
+# What a run writes under output_dir; nothing it reads may lie in these.
+WRITTEN = ("models", "checkpoints", "logs", "tensorboard", "vectors", "search", "mixture")
+WRITTEN_FILES = ("report", "pipeline_state.json")
 
 
 @dataclass(frozen=True)
@@ -63,3 +69,31 @@ class RunLayout:
     def merged_model(self) -> Any:
         """The DEM model: base + chosen weighted vectors."""
         return self.root / "models" / "dem"
+
+
+def check_run_paths(cfg: RunConfig, config_file: storage.PathLike | None = None) -> None:
+    """DemError, before any work, if a run's writes could touch what it reads:
+    an input inside one of the folders it writes under ``output_dir``, or
+    ``output_dir`` inside (or equal to) an input such as the base model.
+
+    The run's own base (``models/base``, or a pretrained base the pipeline put under
+    ``models/``) may be read from ``models/``: the run never rewrites it.
+    """
+    layout = RunLayout(cfg.output_dir)
+    inputs = [*cfg.input_paths(), ("run config", config_file)]
+    rewritten = [layout.model(n) for n in (*cfg.data.distributions, MIXTURE)]
+    rewritten += [layout.merged_model, layout.root / "models" / "dem-hf"]
+    own_base = [
+        (what, p)
+        for what, p in inputs
+        if what in ("base model", "tokenizer")
+        and p is not None
+        and is_within(p, layout.root / "models")
+        and not any(is_within(p, r) or is_within(r, p) for r in rewritten)
+    ]
+    others = [i for i in inputs if i not in own_base]
+    for name in (*WRITTEN, *WRITTEN_FILES):
+        check_disjoint(layout.root / name, others, "output_dir")
+    for what, p in inputs:
+        if p is not None and storage.path(p).is_dir():
+            check_disjoint(layout.root, [(what, p)], "output_dir", contains_ok=True)

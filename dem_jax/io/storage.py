@@ -121,12 +121,27 @@ def write_bytes(p: PathLike, data: bytes) -> None:
     p.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, new_file_mode())  # mkstemp's 0600, widened as open() would create it
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, p)
     except BaseException:
         pathlib.Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def new_file_mode() -> int:
+    """The mode ``open(path, "w")`` gives a new file: 0o666 less the process's umask."""
+    try:
+        with open("/proc/self/status") as f:  # Linux: read without changing it
+            for line in f:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    umask = os.umask(0o022)  # elsewhere the only way to read it is to set it
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def replace(src: PathLike, dst: PathLike) -> None:
@@ -256,7 +271,9 @@ def read_json(path: AnyPath) -> dict[str, Any]:
         data = json.loads(path.read_text())
     except FileNotFoundError:
         raise DemError(f"{path}: file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except OSError as e:  # a directory, no permission
+        raise DemError(f"{path}: cannot read ({e.strerror or e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise DemError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(data, dict):
         raise DemError(f"{path}: expected a JSON object")

@@ -10,7 +10,9 @@ from pathlib import Path
 from jax.sharding import Mesh
 
 from dem_jax.errors import DemError
+from dem_jax.io import storage
 from dem_jax.io.hf.checkpoint import DEFAULT_MAX_SHARD_BYTES
+from dem_jax.io.outputs import check_disjoint
 from dem_jax.merge.engine import MergeInput
 from dem_jax.merge.output import check_output, merge_to_directory
 from dem_jax.merge.registry import get_method
@@ -36,6 +38,7 @@ def merge_from_config(
     apply).
     """
     req = config if isinstance(config, MergeRequest) else load_merge_config(config)
+    check_disjoint(out, req.input_paths(), "--out")
     check_output(out, format, overwrite)
     if seed is not None and seed < 0:
         raise DemError(f"--seed: expected a non-negative integer, got {seed}")
@@ -52,6 +55,7 @@ def merge_from_config(
                 overwrite=overwrite,
                 mesh=mesh,
                 max_shard_bytes=max_shard_bytes,
+                config_yaml=merge_yaml_text(req),
             )
         return merge_to_directory(
             out,
@@ -68,7 +72,19 @@ def merge_from_config(
             dtype=req.dtype,
             out_dtype=req.out_dtype,
             tokenizer_source=req.tokenizer_source,
+            config_yaml=merge_yaml_text(req),
         )
     except DemError as e:  # name the YAML file in every message about its contents
         where = str(req.source)
         raise DemError(str(e) if str(e).startswith(where) else f"{where}: {e}") from None
+
+
+def merge_yaml_text(req: MergeRequest) -> str | None:
+    """The MERGE.yaml a request was read from, verbatim (None when built in code): the
+    output's ``mergekit_config.yml`` and its model card quote it."""
+    if req.source is None:
+        return None
+    try:
+        return storage.path(req.source).read_text()
+    except (OSError, UnicodeDecodeError):  # parsed a moment ago; gone or changed since
+        return None

@@ -20,8 +20,9 @@ from dem_jax.io import storage
 from dem_jax.io.hf.checkpoint import DEFAULT_MAX_SHARD_BYTES, finish_hf_directory, hf_writer
 from dem_jax.io.hf.config import to_hf_config
 from dem_jax.io.hf.weights import hf_tensor_specs
-from dem_jax.io.modeldir import Model, atomic_directory
+from dem_jax.io.modeldir import Model
 from dem_jax.io.models import save_model
+from dem_jax.io.outputs import atomic_directory, check_writable
 from dem_jax.merge.engine import MergePlan
 from dem_jax.merge.tensor_layout import layer_names_and_ts
 
@@ -36,6 +37,7 @@ def merge_to_directory(
     overwrite: bool = False,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     streaming: bool = True,
+    config_yaml: str | None = None,
     **options,
 ) -> Path:
     """Merge and write ``out`` as ``"orbax"`` or ``"hf"``, atomically (complete or absent).
@@ -43,13 +45,19 @@ def merge_to_directory(
     With ``streaming`` and ``format="hf"`` each merged leaf is written as soon as
     it is computed, so peak memory is one parameter per input plus one output
     leaf; an Orbax output is collected on the mesh first and saved at the end.
+    ``config_yaml`` (the MERGE.yaml text) is kept in the provenance, so the output's
+    model card quotes it and its ``mergekit_config.yml`` holds it.
     """
     check_output(out, format, overwrite)
     run = MergePlan(method, base, models, streaming=streaming, **options)
     try:
+        metadata = run.metadata()
+        if config_yaml is not None:
+            metadata["merge"]["config_yaml"] = config_yaml
         if streaming and format == "hf":
-            return _write_hf(run, out, overwrite, max_shard_bytes)
+            return _write_hf(run, out, overwrite, max_shard_bytes, metadata)
         model = run.to_model()
+        model.metadata = metadata
     finally:
         run.close()
     return write_model(
@@ -58,11 +66,11 @@ def merge_to_directory(
 
 
 def check_output(out: str | os.PathLike, format: str, overwrite: bool) -> None:
-    """``format`` is ``"hf"`` or ``"orbax"`` and ``out`` is free (or may be replaced)."""
+    """``format`` is ``"hf"`` or ``"orbax"`` and ``out`` is free (or a model that may be
+    replaced); called before any work."""
     if format not in ("orbax", "hf"):
         raise DemError(f"--format: must be 'hf' or 'orbax', got {format!r}")
-    if storage.path(out).exists() and not overwrite:
-        raise DemError(f"{out}: output already exists (pass --overwrite to replace it)")
+    check_writable(out, overwrite)
 
 
 def write_model(
@@ -84,8 +92,9 @@ def _host(leaf: jax.Array) -> np.ndarray:
     return np.asarray(jax.device_get(leaf))
 
 
-def _write_hf(run: MergePlan, out, overwrite: bool, max_shard_bytes: int) -> Path:
-    """Write the merge as a Hugging Face directory, one leaf at a time."""
+def _write_hf(run: MergePlan, out, overwrite: bool, max_shard_bytes: int, metadata) -> Path:
+    """Write the merge as a Hugging Face directory, one leaf at a time; ``metadata``
+    (the merge's provenance) makes its model card."""
     config = run.output_config()
     np_dtype = np.dtype(jnp.dtype(config.param_dtype))
     with atomic_directory(out, overwrite) as tmp:
@@ -100,5 +109,5 @@ def _write_hf(run: MergePlan, out, overwrite: bool, max_shard_bytes: int) -> Pat
                     rows = math.prod(one.shape[: tmap.split])
                     mat = one.reshape(rows, -1) if tmap.split < one.ndim else one.reshape(rows)
                     writer.write(name, np.ascontiguousarray(mat.T if tmap.transpose else mat))
-        finish_hf_directory(tmp, to_hf_config(config, run.hf_config), run.assets_dir)
+        finish_hf_directory(tmp, to_hf_config(config, run.hf_config), run.assets_dir, metadata)
     return storage.path(out)

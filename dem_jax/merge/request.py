@@ -69,6 +69,13 @@ class MergeRequest:
     model_data: list[Path | None] = field(default_factory=list)
     data_options: DataOptions | None = None
 
+    def input_paths(self) -> list[tuple[str, Path | None]]:
+        """Every path the merge reads, as ``(what, path)``: the output must avoid them."""
+        paths = [("merge config", self.source), ("base model", self.base)]
+        paths += [("model", p) for p in self.models]
+        paths += [("data file", p) for p in self.model_data]
+        return [*paths, ("tokenizer source", self.tokenizer_source)]
+
 
 def _resolve_path(value: str, folder: Path):
     """A URL as it is; a local path expanded and taken relative to ``folder``."""

@@ -28,12 +28,13 @@ from jax.sharding import Mesh
 from dem_jax.config.merge import DataOptions
 from dem_jax.data.batches import encode_records, pad_batches
 from dem_jax.data.records import read_jsonl
-from dem_jax.data.tokenize import load_tokenizer
+from dem_jax.data.tokenize import check_ids_fit, check_tokenizer_fits, load_tokenizer
 from dem_jax.errors import DemError
 from dem_jax.io import storage
 from dem_jax.io.hf.checkpoint import DEFAULT_MAX_SHARD_BYTES
 from dem_jax.io.modeldir import Model
-from dem_jax.io.models import load_model
+from dem_jax.io.models import load_model, read_model_config
+from dem_jax.io.outputs import check_disjoint
 from dem_jax.merge.output import check_output, write_model
 from dem_jax.merge.params import Settings, resolve, settings_chain
 from dem_jax.merge.registry import DATA_METHODS, get_method
@@ -89,6 +90,9 @@ def merge_with_statistics(
         raise DemError(f"merge_method {m.name} reads no data (only {', '.join(DATA_METHODS)} do)")
     if len(params_list) != len(batches):
         raise DemError(f"{method}: {len(params_list)} models but {len(batches)} data sets")
+    for i, model_batches in enumerate(batches):
+        arrays = (np.asarray(b[k]) for b in model_batches for k in ("tokens", "targets"))
+        check_ids_fit(arrays, config.vocab_size, f"{method}: data of model {i}")
     settings = model_parameters or [None] * len(params_list)
     labels = [f"models[{i}]" for i in range(len(params_list))]
     per_model, shared = resolve_scalars(m, settings, parameters, labels)
@@ -123,15 +127,20 @@ def resolve_scalars(
     return per_model, shared
 
 
-def _load_inputs(req: MergeRequest, mesh: Mesh | None) -> list:
-    """Every input model, on the mesh; all of one architecture."""
-    models = []
+def _check_model_dirs(req: MergeRequest) -> None:
     for path in req.models:
         if is_vector_dir(path):
             raise DemError(
                 f"{path}: merge_method {req.method} needs model directories, not distribution "
                 "vectors (it runs each model on its data)"
             )
+
+
+def _load_inputs(req: MergeRequest, mesh: Mesh | None) -> list:
+    """Every input model, on the mesh; all of one architecture."""
+    _check_model_dirs(req)
+    models = []
+    for path in req.models:
         models.append(load_model(path, mesh=mesh))
         check_compatible(models[0].config, models[-1].config, str(req.models[0]), str(path))
     return models
@@ -145,6 +154,7 @@ def merge_with_data(
     overwrite: bool = False,
     mesh: Mesh | None = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    config_yaml: str | None = None,
 ) -> Path:
     """Run a parsed MERGE.yaml whose method reads data (fisher, regmean) into ``out``.
 
@@ -154,8 +164,10 @@ def merge_with_data(
     (``req.data_options``), then the models (loaded on ``mesh``, rounded to
     ``dtype`` when given, statistics in float32). The merge is cast to
     ``out_dtype`` (default ``dtype``, else the inputs' promoted dtype) and written
-    complete-or-absent by :func:`dem_jax.merge.output.write_model`.
+    complete-or-absent by :func:`dem_jax.merge.output.write_model`, with
+    ``config_yaml`` (the MERGE.yaml text) in its provenance and model card.
     """
+    check_disjoint(out, req.input_paths(), "--out")
     check_output(out, format, overwrite)
     opts = req.data_options or DataOptions()
     if mesh is not None:
@@ -164,19 +176,19 @@ def merge_with_data(
     # Every parameter resolved and checked before any data or weights are read.
     labels = [str(p) for p in req.models]
     resolve_scalars(method, req.model_parameters, req.parameters, labels)
+    _check_model_dirs(req)
     tokenizer_dir = req.tokenizer_source or req.base or req.models[0]
     tokenizer = load_tokenizer(tokenizer_dir)
+    vocab_size = read_model_config(req.models[0]).vocab_size
+    check_tokenizer_fits(tokenizer, vocab_size, str(req.models[0]))
     batches = [
         record_batches(read_jsonl(path), tokenizer, opts, str(path)) for path in req.model_data
     ]
+    for path, model_batches in zip(req.model_data, batches, strict=True):
+        arrays = (b[k] for b in model_batches for k in ("tokens", "targets"))
+        check_ids_fit(arrays, vocab_size, str(path))
     models = _load_inputs(req, mesh)
     config = models[0].config
-    top = max(int(b["tokens"].max()) for bs in batches for b in bs)
-    if top >= config.vocab_size:
-        raise DemError(
-            f"tokenizer {tokenizer_dir}: token id {top} in the data but the models' "
-            f"vocab_size is {config.vocab_size}"
-        )
 
     def as_input(x):  # mergekit rounds its inputs to `dtype` when loading
         return (x.astype(req.dtype) if req.dtype else x).astype(jnp.float32)
@@ -203,6 +215,7 @@ def merge_with_data(
             "data": [str(p) for p in req.model_data],
             "parameters": {"models": per_model, **shared},
             "data_options": dataclasses.asdict(opts),
+            **({"config_yaml": config_yaml} if config_yaml is not None else {}),
         }
     }
     model = Model(

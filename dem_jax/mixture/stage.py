@@ -18,8 +18,8 @@ from dem_jax.config.run import RunConfig
 from dem_jax.errors import DemError
 from dem_jax.io import storage
 from dem_jax.io.figures import pyplot, save_figure
-from dem_jax.io.modeldir import atomic_directory
-from dem_jax.io.run_layout import RunLayout
+from dem_jax.io.outputs import atomic_directory
+from dem_jax.io.run_layout import RunLayout, check_run_paths
 from dem_jax.mixture.taskpgm import similarity_jsd, similarity_pmi, taskpgm_proportions
 from dem_jax.search.inputs import finetuned_models, validation_batches
 from dem_jax.search.score import resolve_tokenizer
@@ -38,6 +38,7 @@ def taskpgm_from_config(run: RunConfig, mesh=None, progress=None) -> dict[str, A
     ``pmi`` and ``jsd``) and ``heatmap.png`` (the measure used). Returns what was
     written, with ``"path"`` the directory.
     """
+    check_run_paths(run)
     t = run.pipeline.taskpgm
     names = sorted(run.data.distributions)
     if len(names) < 2:
@@ -62,7 +63,7 @@ def taskpgm_from_config(run: RunConfig, mesh=None, progress=None) -> dict[str, A
     }
     out = RunLayout(run.output_dir).mixture_dir
     storage.makedirs(out.parent)
-    with atomic_directory(out, overwrite=True) as tmp:
+    with atomic_directory(out, overwrite=True, signature=("proportions.json",)) as tmp:
         if is_main_process():
             (tmp / "proportions.json").write_text(json.dumps(proportions, indent=2) + "\n")
             (tmp / "similarity.json").write_text(json.dumps(similarity, indent=2) + "\n")

@@ -18,7 +18,7 @@ from dem_jax.data.tokenize import load_tokenizer
 from dem_jax.io import storage
 from dem_jax.io.modeldir import Model
 from dem_jax.io.models import load_model, save_model
-from dem_jax.io.run_layout import RunLayout
+from dem_jax.io.run_layout import RunLayout, check_run_paths
 from dem_jax.merge.engine import MergeInput, merge
 from dem_jax.mixture.stage import taskpgm_from_config
 from dem_jax.model.flops import forward_flops, train_flops
@@ -224,6 +224,7 @@ def run_pipeline(cfg: RunConfig, log=print) -> PipelineResult:
     initialize_from_env()
     start = time.perf_counter()
     layout = RunLayout(cfg.output_dir)
+    check_run_paths(cfg)
     storage.makedirs(layout.root)
     state = StageState(layout.root / "pipeline_state.json")
     names = sorted(cfg.data.distributions)

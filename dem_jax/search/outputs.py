@@ -15,8 +15,9 @@ import jax
 import numpy as np
 
 from dem_jax.io import storage
-from dem_jax.io.modeldir import Model, atomic_directory
+from dem_jax.io.modeldir import Model
 from dem_jax.io.models import save_model
+from dem_jax.io.outputs import atomic_directory
 from dem_jax.search.plots import plot_search
 from dem_jax.search.score import Progress
 from dem_jax.search.scorer import Candidate, MergeScorer
@@ -91,7 +92,7 @@ def write_search_outputs(
         ],
     }
     storage.makedirs(out_dir.parent)
-    with atomic_directory(out_dir, overwrite=True) as tmp:
+    with atomic_directory(out_dir, overwrite=True, signature=("chosen.json",)) as tmp:
         if jax.process_index() == 0:
             text = io.StringIO(newline="")
             writer = csv.DictWriter(text, fieldnames=["index", *rows[0]])
@@ -112,6 +113,7 @@ def save_merged_model(result: SearchResult, scorer: MergeScorer, base: Model, ou
     metadata = {
         **base.metadata,
         "dem": {
+            "base": None if base.assets_dir is None else str(base.assets_dir),
             "distributions": result.names,
             "omega": omega_dict(best.omega, result.names),
             "objective": result.objective,

@@ -13,12 +13,13 @@ from jax.sharding import Mesh
 
 from dem_jax.config.run import RunConfig
 from dem_jax.data.batches import encode_records
-from dem_jax.io.models import load_model
-from dem_jax.io.run_layout import RunLayout
+from dem_jax.data.tokenize import check_tokenizer_fits, load_tokenizer
+from dem_jax.io.models import load_model, read_model_config
+from dem_jax.io.run_layout import RunLayout, check_run_paths
 from dem_jax.search.inputs import base_model_path, load_vectors, search_names, validation_records
 from dem_jax.search.objective import objective_weights
 from dem_jax.search.outputs import save_merged_model, write_search_outputs
-from dem_jax.search.score import Progress, resolve_tokenizer
+from dem_jax.search.score import Progress
 from dem_jax.search.scorer import MergeScorer
 from dem_jax.search.strategies import SearchResult, grid_omegas, run_search
 from dem_jax.sharding.rules import make_mesh
@@ -35,9 +36,10 @@ def build_scorer(run: RunConfig, mesh: Mesh | None = None, progress: Progress | 
     records = {name: validation_records(run, name) for name in names}
     if mesh is None:
         mesh = make_mesh(run.mesh.data, run.mesh.fsdp, run.mesh.tensor)
-    # The dtype training fine-tuned in, so ΔΘ = Θ_i − Θ is taken at full precision.
-    base = load_model(base_model_path(run), mesh=mesh, dtype=run.train.param_dtype)
-    tokenizer = resolve_tokenizer(run.data.tokenizer, base)
+    # The tokenizer is checked against the base's config before any weights are read.
+    base_path = base_model_path(run)
+    tokenizer = load_tokenizer(run.data.tokenizer or base_path)
+    check_tokenizer_fits(tokenizer, read_model_config(base_path).vocab_size, str(base_path))
     d = run.data
     sets = {
         name: encode_records(
@@ -45,6 +47,8 @@ def build_scorer(run: RunConfig, mesh: Mesh | None = None, progress: Progress | 
         )
         for name, recs in records.items()
     }
+    # The dtype training fine-tuned in, so ΔΘ = Θ_i − Θ is taken at full precision.
+    base = load_model(base_path, mesh=mesh, dtype=run.train.param_dtype)
     vectors = load_vectors(run, names, base, mesh, progress)
     scorer = MergeScorer(
         base.config,
@@ -73,6 +77,7 @@ def search_from_config(
     ``mesh`` defaults to the config's ``mesh`` section; ``scorer_and_base`` reuses
     what :func:`build_scorer` returned.
     """
+    check_run_paths(run)
     scorer, base, names = scorer_and_base or build_scorer(run, mesh, progress)
     result = run_search(scorer, run.search, names, progress)
     layout = RunLayout(run.output_dir)

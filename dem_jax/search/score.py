@@ -37,9 +37,10 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from dem_jax.config.run import check_prompt_template
 from dem_jax.data.batches import encode_records, pad_batches
 from dem_jax.data.records import read_jsonl
-from dem_jax.data.tokenize import load_tokenizer
+from dem_jax.data.tokenize import check_ids_fit, check_tokenizer_fits, load_tokenizer
 from dem_jax.errors import DemError
 from dem_jax.io.modeldir import Model
 from dem_jax.model.losses import batch_nll
@@ -128,11 +129,13 @@ def score_rows(
 
 
 def resolve_tokenizer(tokenizer, model: Model):
-    """A tokenizer object from an object, a directory, or (None) the model's own files."""
+    """A tokenizer object from an object, a directory, or (None) the model's own files;
+    a DemError if it can produce ids the model has no embedding for."""
     if tokenizer is None:
-        return load_tokenizer(model.assets_dir)
-    if isinstance(tokenizer, str | os.PathLike):
-        return load_tokenizer(tokenizer)
+        tokenizer = load_tokenizer(model.assets_dir)
+    elif isinstance(tokenizer, str | os.PathLike):
+        tokenizer = load_tokenizer(tokenizer)
+    check_tokenizer_fits(tokenizer, model.config.vocab_size, str(model.assets_dir or "the model"))
     return tokenizer
 
 
@@ -161,6 +164,7 @@ def score_model(
     if seq_len < 2:
         raise DemError(f"--seq-len must be >= 2, got {seq_len}")
     check_batch_size(batch_size, mesh)
+    check_prompt_template(template, "prompt template")
     tokenizer = resolve_tokenizer(tokenizer, model)
     params = place_params(model.params, model.config, mesh)
     scores = {}
@@ -169,6 +173,8 @@ def score_model(
         encoded = encode_records(records, tokenizer, seq_len, packing, template, add_bos, add_eos)
         if encoded.tokens == 0:
             raise DemError(f"{name}: no loss tokens to score (records too short?)")
+        arrays = (r[k] for r in encoded.rows for k in ("tokens", "targets"))
+        check_ids_fit(arrays, model.config.vocab_size, name)
         nll, tokens = score_rows(
             params, model.config, encoded.rows, batch_size, mesh, max_batches, progress, name=name
         )

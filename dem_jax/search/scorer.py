@@ -29,6 +29,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from dem_jax.config.model import ModelConfig
 from dem_jax.data.batches import EncodedSet, pad_batches
+from dem_jax.data.tokenize import check_ids_fit
 from dem_jax.errors import DemError
 from dem_jax.model.losses import batch_nll
 from dem_jax.search.edit import edit_params, layer_leaves
@@ -146,6 +147,7 @@ class MergeScorer:
             batches += mine
             ids += [i] * len(mine)
         stacked = {k: np.stack([b[k] for b in batches]) for k in batches[0]}  # (N, B, T)
+        check_ids_fit([stacked["tokens"], stacked["targets"]], self.config.vocab_size, "search")
         if self.mesh is None:
             return jax.device_put(stacked), jax.device_put(np.asarray(ids, np.int32))
         sharding = NamedSharding(self.mesh, PartitionSpec(None, BATCH_AXES, None))

@@ -21,6 +21,7 @@ class TrainCheckpoints:
 
     def __init__(self, directory: str | os.PathLike, keep: int = 2, async_save: bool = True):
         path = storage.absolute(directory)
+        self.directory = storage.path(directory)
         self._manager = ocp.CheckpointManager(
             path,
             options=ocp.CheckpointManagerOptions(

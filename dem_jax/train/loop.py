@@ -5,12 +5,15 @@
 
 Resumes from the newest checkpoint automatically; SIGTERM (preemption) saves
 a checkpoint and exits; the final model is written to
-``RunLayout.model(name)`` as a dem-jax directory.
+``RunLayout.model(name)`` as a dem-jax directory. A loss or gradient norm that
+becomes NaN or inf stops the run with a DemError: checkpoints already saved stay,
+no checkpoint of non-finite parameters and no final model are written.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import signal
 import time
 from dataclasses import dataclass
@@ -31,19 +34,26 @@ from dem_jax.data.pipeline import (
     to_global,
     train_dataset,
 )
-from dem_jax.data.tokenize import load_tokenizer
+from dem_jax.data.tokenize import check_ids_fit, check_tokenizer_fits, load_tokenizer
 from dem_jax.errors import DemError
 from dem_jax.io import storage
 from dem_jax.io.modeldir import Model
-from dem_jax.io.models import init_model, load_model, save_model
-from dem_jax.io.run_layout import MIXTURE, RunLayout
+from dem_jax.io.models import init_model, load_model, read_model_config, save_model
+from dem_jax.io.run_layout import MIXTURE, RunLayout, check_run_paths
 from dem_jax.sharding.distributed import initialize_from_env
 from dem_jax.sharding.rules import batch_sharding, make_mesh
 from dem_jax.train.checkpointing import TrainCheckpoints
 from dem_jax.train.metrics import MetricsWriter
 from dem_jax.train.optimizer import make_optimizer
 from dem_jax.train.progress import Progress
-from dem_jax.train.step import eval_step, init_state, train_step
+from dem_jax.train.step import (
+    all_finite,
+    eval_step,
+    first_nonfinite,
+    init_state,
+    jit_train_step,
+    no_nonfinite_yet,
+)
 
 
 class Preempted(Exception):
@@ -61,6 +71,22 @@ class TrainResult:
     skipped: bool = False  # the model already existed
 
 
+def _init_config(cfg: RunConfig) -> ModelConfig:
+    if cfg.model.init is None:
+        raise DemError("model: set model.path or model.init")
+    init = dict(cfg.model.init)
+    init.setdefault("param_dtype", cfg.train.param_dtype)
+    init.setdefault("dtype", cfg.train.param_dtype)
+    return ModelConfig.from_dict(init, where="model.init")
+
+
+def base_vocab_size(cfg: RunConfig) -> tuple[int, str]:
+    """(the base model's vocab_size, where it comes from), read without the weights."""
+    if cfg.model.path is not None:
+        return read_model_config(cfg.model.path).vocab_size, str(cfg.model.path)
+    return _init_config(cfg).vocab_size, "model.init"
+
+
 def base_model(cfg: RunConfig, mesh) -> Model:
     """The base model: loaded from model.path, or initialised from model.init (and saved
     once under the run's layout so distribution vectors can be taken against it)."""
@@ -70,10 +96,7 @@ def base_model(cfg: RunConfig, mesh) -> Model:
     layout = RunLayout(cfg.output_dir)
     if layout.base_model.exists():
         return load_model(layout.base_model, mesh=mesh, dtype=dtype)
-    init = dict(cfg.model.init)
-    init.setdefault("param_dtype", dtype)
-    init.setdefault("dtype", dtype)
-    model = init_model(ModelConfig.from_dict(init, where="model.init"), cfg.train.seed, mesh)
+    model = init_model(_init_config(cfg), cfg.train.seed, mesh)
     model.assets_dir = storage.path(cfg.data.tokenizer) if cfg.data.tokenizer else None
     storage.makedirs(layout.base_model.parent)
     save_model(model, layout.base_model, format="orbax")  # collective: every host takes part
@@ -101,6 +124,7 @@ def run_training(
     ``RunLayout.model(name)``."""
     initialize_from_env()
     layout = RunLayout(cfg.output_dir)
+    check_run_paths(cfg)
     out_dir = layout.model(name)
     if out_dir.exists():
         log(f"[{name}] already trained: {out_dir}")
@@ -118,8 +142,13 @@ def run_training(
     mixing = len(names) > 1 or name == MIXTURE
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     tokenizer = load_tokenizer(cfg.data.tokenizer or cfg.model.path)
+    vocab_size, model_where = base_vocab_size(cfg)
+    check_tokenizer_fits(tokenizer, vocab_size, model_where)
 
     splits = {n: load_splits(cfg.data, tokenizer, n) for n in sorted(cfg.data.distributions)}
+    for n, pair in splits.items():
+        arrays = (r[k] for split in pair for r in split.rows for k in ("tokens", "targets"))
+        check_ids_fit(arrays, vocab_size, f"data.distributions.{n}")
     train_splits = {n: splits[n][0] for n in names}
     weights = (
         mixture_weights(cfg.data, train_splits, layout.mixture_proportions) if mixing else None
@@ -135,9 +164,7 @@ def run_training(
     config = base.config.replace(dtype=t.compute_dtype, remat=t.remat)
     tx = make_optimizer(t)
     state = init_state(base.params, tx)
-    step_fn = jax.jit(
-        functools.partial(train_step, config=config, tx=tx, accum=t.grad_accum), donate_argnums=0
-    )
+    step_fn = jit_train_step(state, config=config, tx=tx, accum=t.grad_accum)
     eval_fn = jax.jit(functools.partial(eval_step, config=config))
 
     checkpoints = TrainCheckpoints(layout.checkpoints(name), t.keep_checkpoints, t.async_checkpoint)
@@ -165,12 +192,20 @@ def run_training(
     previous = signal.signal(signal.SIGTERM, lambda signum, _: stop.update(signal=signum))
     progress = Progress(t.steps, f"[{name}] train", start=start, every=t.log_every)
     sharding = batch_sharding(mesh)
+    watch = no_nonfinite_yet()
+
+    def stop_if_diverged(step: int | None = None) -> None:  # `step`: check the params too
+        params = None if step is None else state["params"]
+        _stop_if_diverged(watch, checkpoints, name, params, step or 0)
+
     try:
         step_start = time.perf_counter()
         for step in range(start + 1, t.steps + 1):
             state, out = step_fn(state, to_global(next(iterator), sharding))
+            watch = _watch(watch, step, out)
             if step % t.log_every == 0 or step == t.steps:
                 out = jax.device_get(out)
+                stop_if_diverged()
                 elapsed = time.perf_counter() - step_start
                 tps = tokens_per_step * (t.log_every if step % t.log_every == 0 else 1) / elapsed
                 step_start = time.perf_counter()
@@ -184,9 +219,11 @@ def run_training(
                 )
                 progress.update(step, loss=float(out["loss"]), tok_s=round(tps))
             if t.eval_every and step % t.eval_every == 0 and step != t.steps:
+                stop_if_diverged()
                 for n, r in _evaluate(state["params"], config, eval_sets, eval_fn, mesh).items():
                     metrics.write(step, f"eval/{n}", **r)
             if _should_stop(stop):
+                stop_if_diverged(step)
                 checkpoints.save(step, state, iterator.get_state(), meta, force=True)
                 checkpoints.wait()
                 raise Preempted(
@@ -194,7 +231,9 @@ def run_training(
                     "re-run the same command to resume"
                 )
             if t.checkpoint_every and step % t.checkpoint_every == 0 and step != t.steps:
+                stop_if_diverged(step)
                 checkpoints.save(step, state, iterator.get_state(), meta)
+        stop_if_diverged(t.steps)  # nothing non-finite is evaluated, saved or exported
         final = _evaluate(state["params"], config, eval_sets, eval_fn, mesh)
         for n, r in final.items():
             metrics.write(t.steps, f"eval/{n}", **r)
@@ -217,6 +256,35 @@ def run_training(
     save_model(trained, out_dir, format="orbax")
     log(f"[{name}] wrote {out_dir}")
     return TrainResult(out_dir, t.steps, t.steps * tokens_per_step, final)
+
+
+_watch = jax.jit(first_nonfinite)
+_all_finite = jax.jit(all_finite)
+
+
+def _stop_if_diverged(watch, checkpoints: TrainCheckpoints, name: str, params, step: int) -> None:
+    """DemError if a loss or gradient norm so far was NaN or inf (or, given ``params``,
+    a parameter is), naming the step and the last checkpoint, which is kept: every
+    checkpoint was checked here before it was saved."""
+    seen = jax.device_get(watch)
+    if int(seen["step"]):
+        step, loss, grad_norm = int(seen["step"]), float(seen["loss"]), float(seen["grad_norm"])
+        what = f"loss became {loss}"
+        if math.isfinite(loss):
+            what = f"gradient norm became {grad_norm}"
+    elif params is not None and not bool(_all_finite(params)):
+        what = "parameters became non-finite"
+    else:
+        return
+    checkpoints.wait()
+    good = checkpoints.latest_step()
+    last = "no checkpoint was saved before it"
+    if good:
+        last = f"last good checkpoint: step {good} in {checkpoints.directory}"
+    raise DemError(
+        f"[{name}] training {what} at step {step}; {last}; no model was written "
+        "(lower train.learning_rate, or check the data)"
+    )
 
 
 def _should_stop(stop: dict) -> bool:

@@ -18,8 +18,8 @@ from jax.sharding import Mesh
 from dem_jax.config.model import ModelConfig
 from dem_jax.errors import DemError, first_line
 from dem_jax.io import storage
-from dem_jax.io.modeldir import atomic_directory
 from dem_jax.io.orbax import read_format_json
+from dem_jax.io.outputs import atomic_directory
 from dem_jax.model.transformer import param_shapes
 from dem_jax.sharding.rules import param_shardings
 from dem_jax.vectors.vector import Vector
@@ -46,7 +46,7 @@ def save_vector(vector: Vector, out: str | os.PathLike, overwrite: bool = False)
         "model": vector.config.replace(param_dtype="float32").to_dict(),
         "metadata": vector.metadata,
     }
-    with atomic_directory(out, overwrite) as tmp:
+    with atomic_directory(out, overwrite, (VECTOR_METADATA,)) as tmp:
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(storage.absolute(tmp / PARAMS_DIR), vector.params)
         checkpointer.wait_until_finished()

@@ -18,15 +18,23 @@ from .settings import Settings
 
 def one_line(lines: list[str]) -> str:
     """Shell lines as one line (so each printed command is one line): joined by
-    ``; ``, or by a space after ``then``, ``else``, ``do``, ``&``, ``&&``, ``||``, ``|``."""
-    out = ""
+    ``; ``, or by a space after a line that opens a block or a pipe (``if ...; then``,
+    ``else``, ``for/while ...; do``, a trailing ``&``, ``&&``, ``||``, ``|`` or ``{``).
+    A word such as ``then`` at the end of a command's arguments opens nothing."""
+    out, previous = "", ""
     for line in (x.strip() for x in lines):
-        if not out or not line:
-            out = out or line
+        if not line:
             continue
-        keeps = re.search(r"(\bthen|\belse|\bdo|&|\||\{)$", out)
-        out += (" " if keeps else "; ") + line
+        out = f"{out}{' ' if _opens(previous) else '; '}{line}" if out else line
+        previous = line
     return out
+
+
+def _opens(line: str) -> bool:
+    """Whether the next line continues ``line`` rather than following it."""
+    if line in ("then", "else", "do") or line.endswith(("&", "|", "{")):
+        return True
+    return bool(re.match(r"(if|elif|while|until|for)\s.*;\s*(then|do)$", line))
 
 
 @dataclass(frozen=True)

@@ -57,6 +57,18 @@ REQUIRED = frozenset(
 )
 REMOTE_ENV_PREFIX = "REMOTE_ENV_"  # REMOTE_ENV_XLA_FLAGS=... exports XLA_FLAGS on the workers
 
+# Settings that name things on the workers: a value must match in full. scp hands remote
+# paths to the worker's shell, and the slice name is the host part of every scp target,
+# so neither may hold anything a shell or scp reads as syntax.
+PATTERNS: dict[str, tuple[str, str]] = {
+    "TPU_NAME": (r"[a-z]([-a-z0-9]{0,60}[a-z0-9])?", "lowercase letters, digits and '-'"),
+    "REMOTE_DIR": (
+        r"/?[A-Za-z0-9_.][A-Za-z0-9_./-]*",
+        "a path of letters, digits and '_' '.' '/' '-' (no spaces or shell characters)",
+    ),
+}
+ENV_NAME = r"[A-Za-z_][A-Za-z0-9_]*"  # a variable name the workers' shell can export
+
 # Default TPU software version per generation (Cloud TPU docs, "TPU software
 # versions"); must agree with TPU_GENERATIONS in dem_jax.plan (tests/test_launch.py).
 RUNTIME_VERSIONS = {
@@ -145,6 +157,8 @@ class Settings:
         value = self.values.get(key, SETTINGS[key][0])
         if key in REQUIRED and not value:
             raise LaunchError(f"setting {key} is required ({SETTINGS[key][1]})")
+        if key in PATTERNS and value and not re.fullmatch(PATTERNS[key][0], value):
+            raise LaunchError(f"setting {key}: {value!r} is not allowed ({PATTERNS[key][1]})")
         return value
 
     def flag(self, key: str) -> bool:
@@ -175,6 +189,8 @@ class Settings:
             if key.startswith(REMOTE_ENV_PREFIX) and len(key) > len(REMOTE_ENV_PREFIX):
                 env[key[len(REMOTE_ENV_PREFIX) :]] = value
         for name in self.words("PASS_ENV"):
+            if not re.fullmatch(ENV_NAME, name):
+                raise LaunchError(f"PASS_ENV: {name!r} is not a variable name")
             if name not in os.environ:
                 raise LaunchError(f"PASS_ENV: {name} is not set in this shell")
             env[name] = os.environ[name]

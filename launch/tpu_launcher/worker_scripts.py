@@ -16,6 +16,23 @@ from .settings import Settings
 REMOTE_CONFIG = "config.yaml"  # the run config on the workers, in REMOTE_DIR
 REMOTE_MERGE_CONFIG = "merge.yaml"
 SOURCE_ARCHIVE = "dem-jax-src.tar.gz"  # a local source directory, packed
+JOB_NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}"  # names the job's log, pid and rc files
+
+
+def check_job_name(job: str) -> str:
+    """``job`` if it is a job name (letters, digits, '_', '.', '-'), else a LaunchError:
+    it becomes file names and text in the workers' scripts."""
+    if not re.fullmatch(JOB_NAME, job):
+        raise LaunchError(
+            f"job name {job!r}: expected letters, digits, '_', '.' or '-' "
+            "(at most 63, starting with a letter or digit), e.g. train-cot or search"
+        )
+    return job
+
+
+def _dq(value: str) -> str:
+    """``value`` escaped for the inside of a double-quoted shell string."""
+    return re.sub(r'([\\"$`])', r"\\\1", value)
 
 
 def _prelude(s: Settings, env: bool = True) -> list[str]:
@@ -32,6 +49,12 @@ def source_kind(source: str) -> str:
     if Path(source).is_dir():
         return "dir"
     if Path(source).is_file():
+        # Copied to REMOTE_DIR/dist/NAME with scp, which hands the path to a shell there.
+        if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*", Path(source).name):
+            raise LaunchError(
+                f"DEM_JAX_SOURCE: {source}: the file name may hold only letters, digits "
+                "and '_' '.' '+' '-'"
+            )
         return "file"
     if re.search(r"\.(whl|tar\.gz|zip)$", source) and "://" not in source:
         raise LaunchError(f"DEM_JAX_SOURCE: {source}: no such file")
@@ -94,15 +117,16 @@ def job_script(s: Settings, job: str, command: list[str], pre: list[str] = ()) -
     # `stop`, or the VM shutting down) so that it outlives the command, which gets
     # the signal too (dem-jax train checkpoints), and records its exit status.
     detached = """'trap true TERM; "$@"; echo $? >"$DEM_TPU_RC"'"""
+    q = _dq(check_job_name(job))
     return [
         *_prelude(s),
         'host="$(hostname)"',
         'mkdir -p "logs/$host"',
-        f'pidfile="logs/$host/{job}.pid" rcfile="logs/$host/{job}.rc"',
-        f'logfile="logs/$host/{job}.log"',
+        f'pidfile="logs/$host/{q}.pid" rcfile="logs/$host/{q}.rc"',
+        f'logfile="logs/$host/{q}.log"',
         'if [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then',
         '  pid="$(cat "$pidfile")"',
-        f'  echo "dem-tpu: {job} is already running on $host; following it"',
+        f'  echo "dem-tpu: {q} is already running on $host; following it"',
         '  tail -n 20 --pid="$pid" -f "$logfile"',
         "else",
         '  rm -f "$rcfile"',
@@ -110,14 +134,14 @@ def job_script(s: Settings, job: str, command: list[str], pre: list[str] = ()) -
         *[f"  {line}" for line in pre],
         f"  set -- {shlex.join(command)}",
         '  echo "=== $(date -u +%FT%TZ) $*" >>"$logfile"',
-        f'  DEM_TPU_RC="$rcfile" setsid nohup bash -c {detached} {job} "$@"'
+        f'  DEM_TPU_RC="$rcfile" setsid nohup bash -c {detached} {shlex.quote(job)} "$@"'
         ' >>"$logfile" 2>&1 </dev/null &',
         "  pid=$!",
         '  echo "$pid" >"$pidfile"',
         '  tail -c +"$((offset + 1))" --pid="$pid" -f "$logfile"',
         "fi",
         'if [ -f "$rcfile" ]; then exit "$(cat "$rcfile")"; fi',
-        f'echo "dem-tpu: {job} on $host ended without an exit status" >&2',
+        f'echo "dem-tpu: {q} on $host ended without an exit status" >&2',
         "exit 1",
     ]
 
@@ -129,13 +153,14 @@ def exec_script(s: Settings, command: list[str]) -> list[str]:
 
 def stop_script(s: Settings, job: str) -> list[str]:
     """SIGTERM a detached job's process group (dem-jax train checkpoints, then exits)."""
+    q = _dq(check_job_name(job))
     return [
         *_prelude(s, env=False),
-        f'pidfile="logs/$(hostname)/{job}.pid"',
+        f'pidfile="logs/$(hostname)/{q}.pid"',
         'if [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then',
         '  kill -TERM -- "-$(cat "$pidfile")"',
-        f'  echo "dem-tpu: sent SIGTERM to {job} on $(hostname)"',
+        f'  echo "dem-tpu: sent SIGTERM to {q} on $(hostname)"',
         "else",
-        f'  echo "dem-tpu: {job} is not running on $(hostname)"',
+        f'  echo "dem-tpu: {q} is not running on $(hostname)"',
         "fi",
     ]

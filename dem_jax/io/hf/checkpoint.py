@@ -13,11 +13,13 @@ from jax.sharding import Mesh
 
 from dem_jax.errors import DemError
 from dem_jax.io import storage
-from dem_jax.io.hf.config import from_hf_config, to_hf_config
+from dem_jax.io.assets import copy_hf_assets, special_token_ids, write_model_card
+from dem_jax.io.hf.config import from_hf_config, to_hf_config, with_token_ids
 from dem_jax.io.hf.safetensors_reader import SafetensorsCheckpoint
 from dem_jax.io.hf.safetensors_writer import ShardedSafetensorsWriter
 from dem_jax.io.hf.weights import check_checkpoint, hf_tensor_specs, iter_hf_tensors, read_params
-from dem_jax.io.modeldir import HF_CONFIG, Model, atomic_directory, copy_assets
+from dem_jax.io.modeldir import HF_CONFIG, Model
+from dem_jax.io.outputs import atomic_directory
 from dem_jax.io.storage import read_json
 from dem_jax.sharding.rules import param_shardings
 
@@ -73,7 +75,7 @@ def save_hf(
     overwrite: bool = False,
 ) -> storage.AnyPath:
     """Write ``model`` as a Hugging Face directory (sharded safetensors, config.json,
-    generation config and tokenizer files), atomically."""
+    generation config, tokenizer files and a model card), atomically."""
     config = model.config
     if dtype is not None:
         config = config.replace(param_dtype=dtype)
@@ -84,7 +86,7 @@ def save_hf(
         with hf_writer(tmp, specs, max_shard_bytes) as writer:
             for name, array in iter_hf_tensors(model.params, config, np_dtype):
                 writer.write(name, array)
-        finish_hf_directory(tmp, hf_config, model.assets_dir)
+        finish_hf_directory(tmp, hf_config, model.assets_dir, model.metadata)
     return storage.path(out)
 
 
@@ -109,10 +111,16 @@ def hf_writer(directory, specs, max_shard_bytes: int):
     return _Discard()
 
 
-def finish_hf_directory(directory, hf_config: dict[str, Any], assets_dir) -> None:
-    """Write config.json and copy the tokenizer/generation files (process 0 only)."""
+def finish_hf_directory(
+    directory, hf_config: dict[str, Any], assets_dir, metadata: dict[str, Any] | None = None
+) -> None:
+    """Write config.json (bos / eos / pad ids filled from the tokenizer where it has
+    none), the tokenizer and generation files of ``assets_dir`` and the model card
+    built from ``metadata`` (see :mod:`dem_jax.io.assets`); process 0 only."""
     if jax.process_index() != 0:
         return
+    hf_config = with_token_ids(hf_config, special_token_ids(assets_dir))
     text = json.dumps(hf_config, indent=2, sort_keys=True) + "\n"
     (storage.path(directory) / HF_CONFIG).write_text(text)
-    copy_assets(assets_dir, directory)
+    copy_hf_assets(assets_dir, directory, hf_config)
+    write_model_card(directory, metadata or {}, assets_dir, "hf")

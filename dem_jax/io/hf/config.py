@@ -3,7 +3,11 @@
 Reads configs written by transformers 4.x (``rope_theta`` and ``rope_scaling``
 at the top level) and 5.x (``rope_parameters``), since most published
 checkpoints are 4.x. Exports keep the source's own ``config.json`` and only
-overwrite the fields dem-jax owns, so a round trip returns the same file.
+overwrite the fields dem-jax owns, so a round trip returns the same file, with one
+addition: a config that spells its rope in the 5.x block alone also gets the 4.x
+keys (transformers 4.x ignores ``rope_parameters`` and would silently use
+``rope_theta`` 10000), so every export loads the same model in 4.57+ and 5.x. 5.x
+reads the 4.x keys itself, so a 4.x config is left as it is.
 """
 
 from __future__ import annotations
@@ -136,8 +140,39 @@ def to_hf_config(config: ModelConfig, source: dict[str, Any] | None = None) -> d
         back = from_hf_config(hf, "source config")
         if back.replace(dtype=config.dtype, remat=config.remat) != config:
             raise DemError("model config differs from its source config.json architecture")
-        return hf
-    return _fresh_hf_config(config)
+        return with_4x_rope_keys(hf)
+    return with_4x_rope_keys(_fresh_hf_config(config))
+
+
+def with_4x_rope_keys(hf: dict[str, Any]) -> dict[str, Any]:
+    """``hf`` plus the transformers 4.x spelling of its rope (top-level ``rope_theta``
+    and ``rope_scaling``: null, or the scaling dict without ``rope_theta``) when it has
+    only the 5.x ``rope_parameters`` block; keys already present are kept.
+
+    Both versions then read one rope: 4.x reads the top-level keys, 5.x takes a
+    non-null ``rope_scaling`` in place of ``rope_parameters`` (with the top-level
+    ``rope_theta``), else ``rope_parameters``, and the two say the same.
+    """
+    params = hf.get("rope_parameters")
+    if not isinstance(params, dict) or "rope_theta" not in params:
+        return hf  # a 4.x config (5.x reads it as it is), or one nested per layer type
+    hf = dict(hf)
+    hf.setdefault("rope_theta", params["rope_theta"])
+    if "rope_scaling" not in hf:
+        rope_type = params.get("rope_type", params.get("type")) or "default"
+        scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+        hf["rope_scaling"] = None if rope_type == "default" else scaling
+    return hf
+
+
+def with_token_ids(hf: dict[str, Any], ids: dict[str, Any]) -> dict[str, Any]:
+    """``hf`` with ``bos_token_id`` / ``eos_token_id`` / ``pad_token_id`` taken from
+    ``ids`` (the tokenizer's) where the config has none; the config's own win."""
+    hf = dict(hf)
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if hf.get(key) is None and ids.get(key) is not None:
+            hf[key] = ids[key]
+    return hf
 
 
 def _fresh_hf_config(c: ModelConfig) -> dict[str, Any]:

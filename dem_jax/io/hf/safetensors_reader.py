@@ -361,6 +361,13 @@ class SafetensorsCheckpoint:
             isinstance(v, str) for v in weight_map.values()
         ):
             raise DemError(f'{index}: lacks a "weight_map" object of tensor -> file name')
+        for name, fname in weight_map.items():
+            if not _is_plain_file_name(fname):
+                raise DemError(
+                    f"{index}: weight_map puts tensor {name!r} in {fname!r}, which is not a "
+                    "file name inside the model directory (no '/', '\\', ':', '..' or "
+                    "absolute paths)"
+                )
         return weight_map
 
     def _file(self, name: str) -> SafetensorsFile:
@@ -423,3 +430,14 @@ class SafetensorsCheckpoint:
     def __exit__(self, *exc: object) -> None:
         """Close the files."""
         self.close()
+
+
+def _is_plain_file_name(name: str) -> bool:
+    """Whether an index entry names a file directly inside the directory: a shard may
+    not be looked for anywhere else (``../x``, ``/abs``, ``sub/x``, ``C:x``)."""
+    return (
+        bool(name)
+        and name not in (".", "..")
+        and not any(c in name for c in "/\\:\0")
+        and not os.path.isabs(name)
+    )
