@@ -1,25 +1,39 @@
 """dem-jax: Distribution Edited Models in JAX.
 
-The public API is re-exported here; see :mod:`dem_jax.api`.
+The public API is re-exported here (see :mod:`dem_jax.api`), imported on first use:
+``import dem_jax`` and ``dem-jax --help`` do not load JAX.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-from dem_jax.api import forward
-from dem_jax.config.model import ModelConfig, RopeScaling
-from dem_jax.errors import DemError
-from dem_jax.io.modeldir import Model
-from dem_jax.io.models import init_model, load_model, save_model
-from dem_jax.sharding.rules import make_mesh
+# name -> the module it lives in
+_EXPORTS = {
+    "DemError": "dem_jax.errors",
+    "Model": "dem_jax.io.modeldir",
+    "ModelConfig": "dem_jax.config.model",
+    "RopeScaling": "dem_jax.config.model",
+    "forward": "dem_jax.api",
+    "init_model": "dem_jax.io.models",
+    "load_model": "dem_jax.io.models",
+    "make_mesh": "dem_jax.sharding.rules",
+    "save_model": "dem_jax.io.models",
+}
 
-__all__ = [
-    "DemError",
-    "Model",
-    "ModelConfig",
-    "RopeScaling",
-    "forward",
-    "init_model",
-    "load_model",
-    "make_mesh",
-    "save_model",
-]
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'dem_jax' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

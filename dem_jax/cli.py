@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
+from importlib import metadata
 
 from dem_jax.errors import DemError
 
@@ -32,14 +34,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dem-jax", description="Distribution Edited Models (DEM) in JAX."
     )
+    parser.add_argument("--version", action="version", version=f"dem-jax {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMANDS:
         importlib.import_module(f"dem_jax.commands.{name}").register(sub)
     return parser
 
 
+def version() -> str:
+    """The installed package's version."""
+    try:
+        return metadata.version("dem-jax")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``dem-jax`` and ``python -m dem_jax``."""
+    # transformers' advice on import ("PyTorch was not found ...") means nothing to a
+    # dem-jax user: the commands use it for tokenizers and configs only.
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     parser = build_parser()
     # key=value overrides may follow options (argparse alone only takes them
     # before), so collect leftovers that look like overrides.

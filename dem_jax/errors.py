@@ -16,3 +16,11 @@ def first_line(e: BaseException) -> str:
     one-line DemError: its message, cut to 300 characters, else its type."""
     text = str(e).strip()
     return text.splitlines()[0][:300] if text else type(e).__name__
+
+
+def did_you_mean(name: object, known) -> str:
+    """``"did you mean 'x'? "`` for the known name closest to ``name``, else ``""``."""
+    import difflib
+
+    close = difflib.get_close_matches(str(name), [str(k) for k in known], n=1)
+    return f"did you mean {close[0]!r}? " if close else ""

@@ -236,3 +236,53 @@ def test_failure_mid_export_leaves_nothing(capsys, hf_dir, tmp_path, monkeypatch
     with pytest.raises(OSError, match="disk full"):
         dem_jax.save_model(model, tmp_path / "h", format="hf", max_shard_bytes=10_000)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+
+def test_version_and_help_answer_without_jax():
+    """`--version` and every `--help` are argparse alone: no JAX, transformers or torch."""
+    script = (
+        "import sys, contextlib, io\n"
+        "from dem_jax import cli\n"
+        "for argv in (['--version'], ['--help'], ['merge', '--help'], ['train', '--help']):\n"
+        "    with contextlib.redirect_stdout(io.StringIO()) as out:\n"
+        "        try:\n"
+        "            cli.main(argv)\n"
+        "        except SystemExit as e:\n"
+        "            assert e.code == 0, (argv, e.code)\n"
+        "    assert out.getvalue(), argv\n"
+        "print(out.getvalue() and cli.version(), [m for m in ('jax', 'transformers', 'torch')"
+        " if m in sys.modules])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[-1] == "[]", done.stdout
+    assert done.stdout.startswith(dem_jax.__version__)
+
+
+@pytest.mark.parametrize(
+    "method, needle",
+    [(None, "merge_method: missing (one of: task_arithmetic"),
+     ("task_arithmatic", "did you mean 'task_arithmetic'?")],
+    ids=["missing", "misspelt"],
+)  # fmt: skip
+def test_merge_method_missing_or_misspelt(capsys, hf_dir, tmp_path, method, needle):
+    cfg = {"models": [{"model": str(hf_dir)}], **({"merge_method": method} if method else {})}
+    (tmp_path / "m.yaml").write_text(json.dumps(cfg))
+    assert_bad_input(capsys, needle, "merge", tmp_path / "m.yaml", "--out", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_misspelt_config_key_suggests_the_right_one(capsys, tmp_path):
+    from train_helpers import TINY
+
+    assert_bad_input(capsys, "did you mean 'learning_rate'?", "train", TINY,
+                     "--distribution", "reverse", f"output_dir={tmp_path}",
+                     "train.learnig_rate=0.1")  # fmt: skip
+
+
+def test_writing_weights_shows_one_progress_bar(capsys, hf_dir, tmp_path):
+    assert run_cli(capsys, "convert", "hf-to-orbax", hf_dir, tmp_path / "o")[0] == 0
+    code, err = run_cli(capsys, "convert", "orbax-to-hf", tmp_path / "o", tmp_path / "exported")
+    assert code == 0, err
+    bar = [part for part in err.replace("\r", "\n").splitlines() if "writing exported" in part]
+    assert bar and "100%" in bar[-1] and "B/s" in bar[-1], err

@@ -16,8 +16,6 @@ import time
 
 from dem_jax.commands.help import add_named, add_subcommand
 from dem_jax.errors import DemError
-from dem_jax.io import storage
-from dem_jax.sharding.distributed import is_main_process
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 DIAGNOSTICS_FILE = "diagnostics.json"
@@ -42,8 +40,10 @@ def parse_named_paths(entries: list[str], flag: str = "--model") -> list[tuple[s
 def cmd_vectors(args: argparse.Namespace) -> int:
     """Compute, save and diagnose one vector per --model."""
     from dem_jax.commands.common import parse_mesh
+    from dem_jax.io import storage
     from dem_jax.io.models import load_model
     from dem_jax.io.outputs import check_disjoint, check_writable
+    from dem_jax.sharding.distributed import is_main_process
     from dem_jax.vectors.diagnostics import format_diagnostics, vector_diagnostics
     from dem_jax.vectors.store import VECTOR_METADATA, save_vector
     from dem_jax.vectors.vector import distribution_vector

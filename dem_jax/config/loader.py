@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from dem_jax.config.run import RunConfig
-from dem_jax.errors import DemError
+from dem_jax.errors import DemError, did_you_mean
 
 
 def build(cls: type, data: Any, where: str) -> Any:
@@ -55,7 +55,8 @@ def build(cls: type, data: Any, where: str) -> Any:
     unknown = sorted(set(data) - set(fields) | (set(data) & set(inline)), key=str)
     if unknown:
         raise DemError(
-            f"{where or 'top level'}: unknown key {unknown[0]!r} (known: {', '.join(known)})"
+            f"{where or 'top level'}: unknown key {unknown[0]!r} "
+            f"({did_you_mean(unknown[0], known)}known: {', '.join(known)})"
         )
     kwargs = {k: _coerce(hints[k], v, _join(where, k)) for k, v in data.items()}
     kwargs.update(inline_values)

@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from dem_jax.errors import DemError
+from dem_jax.errors import DemError, did_you_mean
 
 ARCHITECTURES = ("llama", "mistral", "qwen2")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -152,7 +152,11 @@ class ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise DemError(f"{where}: unknown key(s) {', '.join(unknown)}")
+            hint = did_you_mean(unknown[0], known)
+            raise DemError(
+                f"{where}: unknown key(s) {', '.join(unknown)}"
+                + (f" ({hint.strip()})" if hint else "")
+            )
         data = dict(data)
         if isinstance(data.get("rope_scaling"), dict):
             rope = data["rope_scaling"]

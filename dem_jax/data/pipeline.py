@@ -24,7 +24,7 @@ from dem_jax.config.run import DataConfig
 from dem_jax.data.packing import empty_row, make_rows, stack_rows
 from dem_jax.data.records import read_jsonl, split_validation
 from dem_jax.data.tokenize import encode_record
-from dem_jax.errors import DemError
+from dem_jax.errors import DemError, did_you_mean
 from dem_jax.io import storage
 
 
@@ -58,7 +58,10 @@ def distribution_records(data: DataConfig, name: str) -> tuple[list[dict], list[
     training, scoring and search all hold out the same records)."""
     if name not in data.distributions:
         known = ", ".join(data.distributions) or "none"
-        raise DemError(f"unknown distribution {name!r} (configured: {known})")
+        raise DemError(
+            f"unknown distribution {name!r} ({did_you_mean(name, data.distributions)}"
+            f"configured: {known})"
+        )
     dist = data.distributions[name]
     records = read_jsonl(dist.train, dist.max_examples)
     if dist.validation is not None:

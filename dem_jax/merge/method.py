@@ -22,7 +22,7 @@ from typing import Any
 
 import jax
 
-from dem_jax.errors import DemError
+from dem_jax.errors import DemError, did_you_mean
 
 REQUIRED = object()  # marks a parameter without a default
 
@@ -109,7 +109,11 @@ class MergeMethod:
         """Every parameter's value: ``settings`` over the defaults (for tensor-level use)."""
         unknown = sorted(set(settings) - {p.name for p in self.params})
         if unknown:
-            raise DemError(f"merge_method {self.name} takes no parameter {unknown[0]!r}")
+            hint = did_you_mean(unknown[0], [p.name for p in self.params])
+            raise DemError(
+                f"merge_method {self.name} takes no parameter {unknown[0]!r}"
+                + (f" ({hint.strip()})" if hint else "")
+            )
         values = {}
         for p in self.params:
             value = settings.get(p.name, p.default)

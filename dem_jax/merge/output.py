@@ -99,7 +99,9 @@ def _write_hf(run: MergePlan, out, overwrite: bool, max_shard_bytes: int, metada
     np_dtype = np.dtype(jnp.dtype(config.param_dtype))
     with atomic_directory(out, overwrite) as tmp:
         specs = hf_tensor_specs(config, np_dtype)
-        with hf_writer(tmp, specs, max_shard_bytes) as writer:
+        with hf_writer(
+            tmp, specs, max_shard_bytes, f"merging into {storage.path(out).name}"
+        ) as writer:
             for tmap, leaf in run.leaves():
                 host = _host(leaf)
                 del leaf

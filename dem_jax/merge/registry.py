@@ -10,7 +10,7 @@ import importlib
 import pkgutil
 from typing import Any
 
-from dem_jax.errors import DemError
+from dem_jax.errors import DemError, did_you_mean
 from dem_jax.merge import methods as _methods_pkg
 from dem_jax.merge.method import MergeMethod
 
@@ -36,7 +36,13 @@ DATA_METHODS = tuple(name for name, m in METHODS.items() if m.data)
 
 
 def get_method(name: Any, where: str = "merge_method") -> MergeMethod:
-    """The method called ``name``, or a DemError listing the known ones."""
+    """The method called ``name``, or a DemError: "missing" when there is none, else
+    the closest known name and the list of them."""
+    if name is None:
+        raise DemError(f"{where}: missing (one of: {', '.join(METHODS)})")
     if not isinstance(name, str) or name not in METHODS:
-        raise DemError(f"{where}: unknown merge method {name!r} (known: {', '.join(METHODS)})")
+        raise DemError(
+            f"{where}: unknown merge method {name!r} "
+            f"({did_you_mean(name, METHODS)}known: {', '.join(METHODS)})"
+        )
     return METHODS[name]

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import math
 import os
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +42,7 @@ from dem_jax.data.records import read_jsonl
 from dem_jax.data.tokenize import check_ids_fit, check_tokenizer_fits, load_tokenizer
 from dem_jax.errors import DemError
 from dem_jax.io.modeldir import Model
+from dem_jax.io.progress_bar import progress_bar
 from dem_jax.model.losses import batch_nll
 from dem_jax.sharding.placement import check_batch_size, place_batch, place_params
 
@@ -105,26 +105,28 @@ def score_rows(
 
     Batches are dispatched without waiting for results, so the host prepares
     batch b+1 while the device runs batch b; results are fetched every
-    ``progress_every`` batches (with a tokens/s line when ``progress`` is
-    given) and summed in float64 on the host.
+    ``progress_every`` batches (advancing a tokens/s progress bar on stderr when
+    ``progress`` is given) and summed in float64 on the host.
     """
     check_batch_size(batch_size, mesh)
     params = place_params(params, config, mesh)
     batches = pad_batches(rows, batch_size, max_batches)
     pending, total_nll, total_tokens = [], 0.0, 0
-    start, done_tokens = time.perf_counter(), 0
-    for i, batch in enumerate(batches):
-        pending.append(_batch_nll(params, config, place_batch(batch, mesh)))
-        done_tokens += int(batch["loss_mask"].sum())
-        last = i + 1 == len(batches)
-        if (i + 1) % progress_every == 0 or last:
-            for nll, count in jax.device_get(pending):
-                total_nll += float(nll)
-                total_tokens += round(float(count))
-            pending = []
-            if progress is not None and len(batches) > progress_every:
-                rate = done_tokens / max(time.perf_counter() - start, 1e-9)
-                progress(f"score {name}: batch {i + 1}/{len(batches)}, {rate:,.0f} tokens/s")
+    bar = progress_bar(
+        sum(int(b["loss_mask"].sum()) for b in batches),
+        f"score {name}".strip(),
+        unit="tok",
+        enabled=progress is not None and len(batches) > progress_every,
+    )
+    with bar:
+        for i, batch in enumerate(batches):
+            pending.append(_batch_nll(params, config, place_batch(batch, mesh)))
+            if (i + 1) % progress_every == 0 or i + 1 == len(batches):
+                for nll, count in jax.device_get(pending):
+                    total_nll += float(nll)
+                    total_tokens += round(float(count))
+                    bar.update(round(float(count)))
+                pending = []
     return total_nll, total_tokens
 
 

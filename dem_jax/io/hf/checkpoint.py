@@ -83,7 +83,7 @@ def save_hf(
     hf_config = to_hf_config(config, model.hf_config)
     specs = hf_tensor_specs(config, np_dtype)
     with atomic_directory(out, overwrite) as tmp:
-        with hf_writer(tmp, specs, max_shard_bytes) as writer:
+        with hf_writer(tmp, specs, max_shard_bytes, f"writing {storage.path(out).name}") as writer:
             for name, array in iter_hf_tensors(model.params, config, np_dtype):
                 writer.write(name, array)
         finish_hf_directory(tmp, hf_config, model.assets_dir, model.metadata)
@@ -104,10 +104,11 @@ class _Discard:
         pass
 
 
-def hf_writer(directory, specs, max_shard_bytes: int):
-    """A :class:`ShardedSafetensorsWriter` on process 0, a no-op writer elsewhere."""
+def hf_writer(directory, specs, max_shard_bytes: int, progress: str | None = "writing"):
+    """A :class:`ShardedSafetensorsWriter` on process 0 (with a progress bar over the
+    bytes written, labelled ``progress``), a no-op writer elsewhere."""
     if jax.process_index() == 0:
-        return ShardedSafetensorsWriter(directory, specs, max_shard_bytes)
+        return ShardedSafetensorsWriter(directory, specs, max_shard_bytes, progress=progress)
     return _Discard()
 
 

@@ -23,6 +23,7 @@ import numpy as np
 from dem_jax.errors import DemError
 from dem_jax.io import storage
 from dem_jax.io.hf.safetensors_format import INDEX_FILE_NAME, SINGLE_FILE_NAME, dtype_code, is_int
+from dem_jax.io.progress_bar import progress_bar
 
 # transformers' shard naming; used to recognise shards left by an earlier save.
 _SHARD_NAME_RE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
@@ -122,8 +123,11 @@ class ShardedSafetensorsWriter:
         specs: list[TensorSpec],
         max_shard_bytes: int = 5 * 2**30,
         metadata: Mapping[str, str] | None = DEFAULT_METADATA,
+        progress: str | None = None,
     ) -> None:
         """Plan the shards of ``specs`` for ``directory`` (created if needed).
+
+        ``progress``: a label for a progress bar over the bytes written (none if None).
 
         One shard is written as ``model.safetensors`` with no index, as
         transformers does; several as ``model-00001-of-0000N.safetensors``
@@ -164,6 +168,8 @@ class ShardedSafetensorsWriter:
         self._fh: BinaryIO | None = None
         self._opened = 0  # shards whose .partial file has been created
         self._closed = False
+        total = sum(s.nbytes for s in self._specs)
+        self._bar = progress_bar(total, progress or "", enabled=progress is not None)
 
     @property
     def files(self) -> list[str]:
@@ -233,6 +239,7 @@ class ShardedSafetensorsWriter:
             self._fh.write(data)
         except OSError as exc:
             raise DemError(f"{self._partial(shard)}: cannot write tensor {name!r}: {exc}") from None
+        self._bar.update(self._specs[self._pos].nbytes)
         self._pos += 1
         if self._pos == len(self._specs) or self._shard_of[self._pos] != shard:
             self._finish_shard()
@@ -258,6 +265,7 @@ class ShardedSafetensorsWriter:
                 f"tensor(s): {shown}{more}"
             )
         self._finish_shard()
+        self._bar.close()
         if self._opened == 0:  # the tensor-less model: nothing triggered the open
             self._open_shard(0)
             self._finish_shard()
@@ -293,6 +301,7 @@ class ShardedSafetensorsWriter:
     def abort(self) -> None:
         """Stop without producing output: close and delete the partial files."""
         self._finish_shard()
+        self._bar.close()
         self._closed = True
         for i in range(self._opened):
             self._partial(i).unlink(missing_ok=True)
