@@ -113,6 +113,135 @@ def test_report_has_every_model_and_finite_numbers(finished_run):
     assert meta["metadata"]["mixture"] == pytest.approx(proportions)
 
 
+def _markdown_cells(md: str, label: str, section: str = "") -> list[str]:
+    """The cells of the first Markdown table row that starts with ``label`` (after the
+    heading ``section``)."""
+    lines = md.split(section, 1)[1].splitlines() if section else md.splitlines()
+    row = next(line for line in lines if line.startswith(f"| {label} |"))
+    return [c.strip() for c in row.strip("|").split("|")]
+
+
+def test_report_is_a_page_to_forward(finished_run):
+    import jax
+
+    from dem_jax.config.loader import load_run_config
+
+    out, _, _ = finished_run
+    report = json.loads((out / "report" / "report.json").read_text())
+    md = (out / "report" / "report.md").read_text()
+    names = ("reverse", "sort")
+    # The best value of each column is bold, and only it: here the lowest mean log-ppl.
+    header = _markdown_cells(md, "model")
+    col = header.index("mean log-ppl")
+    means = {m: np.mean([i["eval"][n]["nll"] for n in names]) for m, i in report["models"].items()}
+    best = min(means, key=means.get)
+    assert _markdown_cells(md, best)[col] == f"**{means[best]:.4f}**"
+    worst = max(means, key=means.get)
+    assert "**" not in _markdown_cells(md, worst)[col]
+    assert "mean log-ppl** is the mean, over the distributions" in md  # defined in the text
+    # Every baseline's settings: the searched λ, densities, RegMean's α, the mixtures.
+    settings = {m: i["settings"] for m, i in report["models"].items()}
+    assert settings["task_arithmetic"]["lambda"] in (0.5, 1.0)
+    assert settings["ties"]["density"] == settings["dare_linear"]["density"] == 0.5
+    assert settings["regmean"]["alpha"] == 0.9 and "statistics" in settings["fisher"]
+    taskpgm = json.loads((out / "mixture" / "proportions.json").read_text())
+    assert settings["mixture-taskpgm"]["proportions"] == pytest.approx(taskpgm, abs=1e-4)
+    lam = settings["task_arithmetic"]["lambda"]
+    models = "## Models and their settings"
+    assert f"lambda={lam}" in _markdown_cells(md, "task_arithmetic", models)[2]
+    assert "density=0.5" in _markdown_cells(md, "ties", models)[2]
+    assert "alpha=0.9" in _markdown_cells(md, "regmean", models)[2]
+    # Like with like: DEM against a search over mixture proportions at the same
+    # resolution (a 3-point grid per ω -> step 1/2 on the 2-simplex: 3 mixtures).
+    search = report["cost"]["mixing_search"]
+    assert search["runs"] == 3 and search["measured_on"] == "mixture-uniform"
+    per_run = report["cost"]["items"]["data mixing mixture-uniform"]
+    assert search["total_flops"] == pytest.approx(3 * per_run["total_flops"])
+    assert per_run["wall_s"] > 0 and search["total_wall_s"] == pytest.approx(3 * per_run["wall_s"])
+    assert search["assumption"] in md and "C(2+2-1, 2-1) = 3 runs" in search["assumption"]
+    row = _markdown_cells(
+        md,
+        "data mixing, searching its proportions at DEM's resolution (3 runs like mixture-uniform)",
+    )
+    assert row[1] == "3" and row[3] == f"{search['total_flops']:.3g}"
+    assert _markdown_cells(md, "DEM: 2 fine-tunes + weight search (9 candidates)")[1] == "2"
+    # Wall time per stage, versions, seeds, the config (which loads as a run config).
+    stages = report["stage_wall_s"]
+    assert list(stages)[:3] == ["base model", "fine-tunes", "distribution vectors"]
+    assert all(s >= 0 for s in stages.values()) and "evaluation" in stages
+    assert _markdown_cells(md, "fine-tunes")[1] == f"{stages['fine-tunes']:,.1f} s"
+    assert f"jax {jax.__version__}" in md and "dem-jax 0.1.0" in md
+    assert "train.seed (initialisation) = 0" in md
+    assert load_run_config(out / "report" / "config.yaml").search.grid == [0.0, 0.5, 1.0]
+    # The search as a person reads it: the best candidates, chosen first.
+    top = report["dem"]["top_candidates"]
+    assert top[0]["omega"] == report["dem"]["omega"] and len(top) == 9
+    assert "![search objective against each ω](search.png)" in md
+
+
+def test_a_user_can_follow_every_stage(finished_run):
+    out, _, done = finished_run
+    err = done.stderr
+    stages = [line for line in err.splitlines() if line.startswith("stage ")]
+    assert [s.split(":")[0] for s in stages] == [f"stage {k}/10" for k in range(1, 11)]
+    assert stages[0].startswith("stage 1/10: base model") and stages[-1].startswith(
+        "stage 10/10: report"
+    )
+    for run in ("base", "reverse", "sort", "mixture-uniform"):
+        line = next(x for x in err.splitlines() if x.startswith(f"[{run}] done: "))
+        assert "tokens/s" in line and "FLOP/s" in line and " s (first step" in line
+        assert f"tensorboard --logdir {out / 'tensorboard' / run}" in line
+        assert list((out / "tensorboard" / run).glob("events.out.tfevents*"))
+    summary = json.loads((out / "models" / "sort" / "dem_jax_model.json").read_text())["metadata"]
+    assert summary["train_summary"]["steps_run"] == 12 and summary["train_summary"]["wall_s"] > 0
+    assert summary["train_summary"]["tokens_per_s"] > 0
+
+
+def test_the_directory_named_base_is_the_base(finished_run, tmp_path, capsys):
+    """models/base is the pretrained base the fine-tunes start from (the random init is
+    models/init), and `dem-jax vectors` warns when --base is not a fine-tune's base."""
+    import dem_jax
+    from dem_jax.vectors.vector import distribution_vector
+
+    out, _, _ = finished_run
+    models = out / "models"
+    assert not (models / "pretrain").exists()
+    meta = lambda name: json.loads((models / name / "dem_jax_model.json").read_text())["metadata"]  # noqa: E731
+    assert meta("base")["trained_on"] == ["reverse", "sort"]
+    assert "trained_on" not in meta("init")
+    assert meta("base")["base"] == str(models / "init")
+    for name in ("reverse", "sort", "mixture-uniform"):
+        assert meta(name)["base"] == str(models / "base")
+        assert meta(name)["base_relative"] == "../base"
+
+    wrong = run_cli(
+        "vectors",
+        "--base",
+        models / "init",
+        "--model",
+        f"sort={models / 'sort'}",
+        "--out",
+        tmp_path / "wrong",
+    )
+    assert wrong.returncode == 0, wrong.stderr[-3000:]
+    warnings = [line for line in wrong.stderr.splitlines() if line.startswith("warning:")]
+    assert warnings == [
+        f"warning: sort was fine-tuned from {models / 'base'}, not from the base given "
+        f"({models / 'init'}); its vector is measured from a model it was not trained from"
+    ]
+    # The right base, also after the whole run directory moved: no warning.
+    moved = tmp_path / "moved"
+    shutil.copytree(models / "base", moved / "base")
+    shutil.copytree(models / "sort", moved / "sort")
+    for base in (models / "base", moved / "base"):
+        capsys.readouterr()
+        ft = moved / "sort" if base.parent == moved else models / "sort"
+        distribution_vector(
+            dem_jax.load_model(base), dem_jax.load_model(ft), base_path=base, model_path=ft
+        )
+        assert "warning" not in capsys.readouterr().err
+
+
 def test_dem_weights_are_the_search_argmin(finished_run):
     out, _, _ = finished_run
     report = json.loads((out / "report" / "report.json").read_text())

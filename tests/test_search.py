@@ -254,6 +254,27 @@ def test_random_and_gradient_strategies(scorer):
     assert scorer.forward_equivalents - start == 4 * 3  # forward + backward (= 2) per step
 
 
+def test_bayes_on_the_real_scorer_writes_the_usual_outputs(scorer, tmp_path):
+    from dem_jax.search.outputs import write_search_outputs
+
+    compiled = scorer._eval._cache_size()
+    start = scorer.forward_equivalents
+    cfg = SearchConfig(strategy="bayes", samples=6, grid=[-0.5, 1.5], seed=1)
+    result = run_search(scorer, cfg, NAMES)
+    omegas = np.array([c.omega for c in result.candidates])
+    assert omegas.shape == (6, 2) and omegas.min() >= -0.5 and omegas.max() <= 1.5
+    assert scorer.forward_equivalents - start == 6
+    assert scorer._eval._cache_size() - compiled <= 1  # no compile per trial
+    again = scorer.evaluate(result.best.omega)
+    assert again.objective == pytest.approx(result.best.objective, rel=1e-6)
+    out = write_search_outputs(result, scorer, tmp_path / "search")
+    chosen = json.loads((out / "chosen.json").read_text())
+    assert chosen["strategy"] == "bayes" and chosen["candidates_tried"] == 6
+    assert chosen["candidate"] == result.best_index
+    with (out / "candidates.csv").open() as f:
+        assert len(list(csv.DictReader(f))) == 6
+
+
 def write_config(run_dir, name, **search):
     cfg = (run_dir / "run.yaml").read_text()
     for key, value in search.items():

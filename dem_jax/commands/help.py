@@ -47,9 +47,9 @@ TEXTS = {
         "choose merge weights by validation perplexity and write the merged model",
         (
             "Search merge weights omega for base + sum_i omega_i (finetuned_i - base) (strategy "
-            "from the config's search section: grid, random or gradient). Writes the candidate "
-            "table (CSV, JSON), the chosen omega and a plot under output_dir/search/, and the "
-            "merged model to output_dir/models/dem."
+            "from the config's search section: bayes (the default, TPE), grid, random or "
+            "gradient). Writes the candidate table (CSV, JSON), the chosen omega and a plot "
+            "under output_dir/search/, and the merged model to output_dir/models/dem."
         ),
     ),
     "train": (

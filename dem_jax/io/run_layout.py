@@ -10,10 +10,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from dem_jax.config.run import RunConfig
+from dem_jax.errors import DemError
 from dem_jax.io import storage
 from dem_jax.io.outputs import check_disjoint, is_within
 
 MIXTURE = "mixture"  # name of the data-mixing baseline's training run
+BASE = "base"  # the training run that makes the run's own base (the pipeline's pretraining)
+INIT = "init"  # the random initialisation of a base trained from model.init
+# Model directories the layout itself names: no distribution may be called so.
+RESERVED_MODELS = (BASE, INIT, MIXTURE, "dem", "dem-hf")
 
 # What a run writes under output_dir; nothing it reads may lie in these.
 WRITTEN = ("models", "checkpoints", "logs", "tensorboard", "vectors", "search", "mixture")
@@ -31,8 +36,16 @@ class RunLayout:
 
     @property
     def base_model(self) -> Any:
-        """The base model, when the run initialises (or pretrains) it itself."""
-        return self.root / "models" / "base"
+        """The base every fine-tune of a model.init run starts from: the pipeline's
+        pretrained base (the training run named BASE), or, without pretraining, the
+        random initialisation itself."""
+        return self.model(BASE)
+
+    @property
+    def init_model(self) -> Any:
+        """The random initialisation the pipeline pretrains ``base_model`` from (kept
+        apart so that ``models/base`` is always the model the fine-tunes start from)."""
+        return self.model(INIT)
 
     def model(self, name: str) -> Any:
         """Final fine-tuned model directory of one distribution (or MIXTURE)."""
@@ -76,10 +89,17 @@ def check_run_paths(cfg: RunConfig, config_file: storage.PathLike | None = None)
     an input inside one of the folders it writes under ``output_dir``, or
     ``output_dir`` inside (or equal to) an input such as the base model.
 
-    The run's own base (``models/base``, or a pretrained base the pipeline put under
-    ``models/``) may be read from ``models/``: the run never rewrites it.
+    The run's own base (``models/base``, initialised or pretrained by the run) may be
+    read from ``models/``: the run never rewrites it. A distribution may not be named
+    like a directory the layout reserves (``base``, ``init``, ``dem``, ...).
     """
     layout = RunLayout(cfg.output_dir)
+    clash = sorted(set(cfg.data.distributions) & set(RESERVED_MODELS))
+    if clash:
+        raise DemError(
+            f"data.distributions: {clash[0]!r} names a directory the run writes itself "
+            f"(models/{clash[0]}); rename the distribution"
+        )
     inputs = [*cfg.input_paths(), ("run config", config_file)]
     rewritten = [layout.model(n) for n in (*cfg.data.distributions, MIXTURE)]
     rewritten += [layout.merged_model, layout.root / "models" / "dem-hf"]

@@ -8,7 +8,7 @@ perplexity, and the scoring it rests on.
   log-perplexities (pure);
 * :mod:`~dem_jax.search.scorer`: :class:`~dem_jax.search.scorer.MergeScorer`, every
   candidate ω scored by one jitted scan over validation batches held on the mesh;
-* :mod:`~dem_jax.search.strategies`: grid, random and gradient search, and
+* :mod:`~dem_jax.search.strategies`: grid, random, bayes (Optuna TPE) and gradient search, and
   :class:`~dem_jax.search.strategies.SearchResult`;
 * :mod:`~dem_jax.search.inputs`: what a run's stages read: distributions, base
   model, fine-tunes, distribution vectors, validation records and batches;

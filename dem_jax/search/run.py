@@ -21,7 +21,7 @@ from dem_jax.search.objective import objective_weights
 from dem_jax.search.outputs import save_merged_model, write_search_outputs
 from dem_jax.search.score import Progress
 from dem_jax.search.scorer import MergeScorer
-from dem_jax.search.strategies import SearchResult, grid_omegas, run_search
+from dem_jax.search.strategies import SearchResult, grid_bounds, run_search
 from dem_jax.sharding.rules import make_mesh
 
 
@@ -31,8 +31,8 @@ def build_scorer(run: RunConfig, mesh: Mesh | None = None, progress: Progress | 
     the config's ``mesh`` section)."""
     names = search_names(run)
     weights = objective_weights(run.search, names)
-    if run.search.strategy == "grid":
-        grid_omegas(run.search, names)  # bad grid keys fail before anything is loaded
+    if run.search.strategy in ("grid", "bayes"):
+        grid_bounds(run.search, names)  # bad grid keys fail before anything is loaded
     records = {name: validation_records(run, name) for name in names}
     if mesh is None:
         mesh = make_mesh(run.mesh.data, run.mesh.fsdp, run.mesh.tensor)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import signal
 import time
 from dataclasses import dataclass
@@ -39,13 +40,14 @@ from dem_jax.errors import DemError
 from dem_jax.io import storage
 from dem_jax.io.modeldir import Model
 from dem_jax.io.models import init_model, load_model, read_model_config, save_model
-from dem_jax.io.run_layout import MIXTURE, RunLayout, check_run_paths
+from dem_jax.io.run_layout import BASE, MIXTURE, RunLayout, check_run_paths
+from dem_jax.model.flops import train_flops
 from dem_jax.sharding.distributed import initialize_from_env
 from dem_jax.sharding.rules import batch_sharding, make_mesh
 from dem_jax.train.checkpointing import TrainCheckpoints
 from dem_jax.train.metrics import MetricsWriter
 from dem_jax.train.optimizer import make_optimizer
-from dem_jax.train.progress import Progress
+from dem_jax.train.progress import Progress, format_summary, training_summary
 from dem_jax.train.step import (
     all_finite,
     eval_step,
@@ -87,20 +89,42 @@ def base_vocab_size(cfg: RunConfig) -> tuple[int, str]:
     return _init_config(cfg).vocab_size, "model.init"
 
 
-def base_model(cfg: RunConfig, mesh) -> Model:
-    """The base model: loaded from model.path, or initialised from model.init (and saved
-    once under the run's layout so distribution vectors can be taken against it)."""
+def base_model(cfg: RunConfig, mesh, name: str | None = None) -> tuple[Model, Path]:
+    """(the model run ``name`` starts from, where it lives): model.path, or a model.init
+    run's own base ``RunLayout.base_model``, initialised and saved once so distribution
+    vectors can be taken against it. The run that makes the base itself (BASE: the
+    pipeline's pretraining) starts from the initialisation saved at
+    ``RunLayout.init_model`` instead."""
     dtype = cfg.train.param_dtype
     if cfg.model.path is not None:
-        return load_model(cfg.model.path, mesh=mesh, dtype=dtype)
+        return load_model(cfg.model.path, mesh=mesh, dtype=dtype), storage.path(cfg.model.path)
     layout = RunLayout(cfg.output_dir)
-    if layout.base_model.exists():
-        return load_model(layout.base_model, mesh=mesh, dtype=dtype)
+    start = layout.init_model if name == BASE else layout.base_model
+    if start.exists():
+        return load_model(start, mesh=mesh, dtype=dtype), start
+    if name != BASE and cfg.pipeline.pretrain.steps > 0:
+        raise DemError(
+            f"{start}: base model not found; this config pretrains its base "
+            "(pipeline.pretrain.steps > 0): run `dem-jax pipeline` on it first, or set "
+            "pipeline.pretrain.steps=0 to fine-tune the random initialisation"
+        )
     model = init_model(_init_config(cfg), cfg.train.seed, mesh)
     model.assets_dir = storage.path(cfg.data.tokenizer) if cfg.data.tokenizer else None
-    storage.makedirs(layout.base_model.parent)
-    save_model(model, layout.base_model, format="orbax")  # collective: every host takes part
-    return model
+    storage.makedirs(start.parent)
+    save_model(model, start, format="orbax")  # collective: every host takes part
+    return model, start
+
+
+def base_provenance(base_path, out_dir) -> dict[str, str]:
+    """The ``base`` a trained model's metadata records: the base's absolute path and,
+    for local paths, its path relative to the model (still right when the whole run
+    directory is moved), so ``dem-jax vectors`` can tell a wrong ``--base``."""
+    found = {"base": str(storage.absolute(base_path))}
+    if not storage.is_url(base_path) and not storage.is_url(out_dir):
+        found["base_relative"] = os.path.relpath(
+            storage.absolute(base_path), storage.absolute(out_dir)
+        )
+    return found
 
 
 def _evaluate(params, config, eval_sets, eval_fn, mesh) -> dict[str, dict[str, float]]:
@@ -160,7 +184,7 @@ def run_training(
         n: eval_batches(splits[n][1], t.batch_size, t.eval_batches, pid, nproc) for n in splits
     }
 
-    base = base_model(cfg, mesh)
+    base, base_path = base_model(cfg, mesh, name)
     config = base.config.replace(dtype=t.compute_dtype, remat=t.remat)
     tx = make_optimizer(t)
     state = init_state(base.params, tx)
@@ -199,10 +223,13 @@ def run_training(
         _stop_if_diverged(watch, checkpoints, name, params, step or 0)
 
     try:
-        step_start = time.perf_counter()
+        step_start = run_start = first_done = time.perf_counter()
         for step in range(start + 1, t.steps + 1):
             state, out = step_fn(state, to_global(next(iterator), sharding))
             watch = _watch(watch, step, out)
+            if step == start + 1:  # compilation and one step, kept out of the speed
+                jax.block_until_ready(out["loss"])
+                first_done = time.perf_counter()
             if step % t.log_every == 0 or step == t.steps:
                 out = jax.device_get(out)
                 stop_if_diverged()
@@ -233,6 +260,7 @@ def run_training(
             if t.checkpoint_every and step % t.checkpoint_every == 0 and step != t.steps:
                 stop_if_diverged(step)
                 checkpoints.save(step, state, iterator.get_state(), meta)
+        loop_end = time.perf_counter()
         stop_if_diverged(t.steps)  # nothing non-finite is evaluated, saved or exported
         final = _evaluate(state["params"], config, eval_sets, eval_fn, mesh)
         for n, r in final.items():
@@ -245,16 +273,32 @@ def run_training(
         checkpoints.close()
         metrics.close()
 
+    summary = training_summary(
+        steps=t.steps - start,
+        tokens_per_step=tokens_per_step,
+        flops_per_step=train_flops(config, t.batch_size, cfg.data.seq_len),
+        wall_s=time.perf_counter() - run_start,
+        first_step_s=first_done - run_start,
+        loop_s=loop_end - run_start,
+        resumed_from=start,
+    )
     trained = Model(
         config.replace(dtype=config.param_dtype, remat=False),
         state["params"],
         hf_config=base.hf_config,
         assets_dir=storage.path(cfg.data.tokenizer or cfg.model.path),
-        metadata={"trained_on": names, "steps": t.steps, "mixture": weights},
+        metadata={
+            "trained_on": names,
+            "steps": t.steps,
+            "mixture": weights,
+            **base_provenance(base_path, out_dir),
+            "train_summary": summary,
+        },
     )
     storage.makedirs(out_dir.parent)
     save_model(trained, out_dir, format="orbax")
     log(f"[{name}] wrote {out_dir}")
+    log(format_summary(name, summary, layout.metrics(name), layout.root / "tensorboard" / name))
     return TrainResult(out_dir, t.steps, t.steps * tokens_per_step, final)
 
 

@@ -49,3 +49,51 @@ class Progress:
             self.stream.write("\r\033[K")
         self.stream.write(text + "\n")
         self.stream.flush()
+
+
+def training_summary(
+    steps: int,
+    tokens_per_step: int,
+    flops_per_step: float,
+    wall_s: float,
+    first_step_s: float,
+    loop_s: float,
+    resumed_from: int = 0,
+) -> dict[str, float | int]:
+    """What one training session did and how fast. ``wall_s`` is all of it, ``loop_s``
+    the steps, ``first_step_s`` the first step with its compilation; the speeds
+    (tokens/s, FLOP/s from :func:`dem_jax.model.flops.train_flops`) are over the
+    steps after the first, or over all of them when there is one."""
+    timed_steps, timed_s = steps - 1, loop_s - first_step_s
+    if timed_steps < 1 or timed_s <= 0:
+        timed_steps, timed_s = steps, loop_s
+    rate = timed_steps / timed_s if timed_s > 0 else 0.0
+    return {
+        "steps_run": steps,
+        "resumed_from": resumed_from,
+        "tokens": steps * tokens_per_step,
+        "flops": steps * flops_per_step,
+        "wall_s": round(wall_s, 3),
+        "first_step_s": round(first_step_s, 3),
+        "tokens_per_s": rate * tokens_per_step,
+        "flops_per_s": rate * flops_per_step,
+    }
+
+
+def _si(value: float) -> str:
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g} {unit}"
+    return f"{value:.3g} "
+
+
+def format_summary(name: str, summary: dict, metrics_path, tensorboard_dir) -> str:
+    """The line that ends a training run: its speed, and where its curves are."""
+    resumed = f", resumed at step {summary['resumed_from']}" if summary["resumed_from"] else ""
+    return (
+        f"[{name}] done: {summary['steps_run']} steps in {summary['wall_s']:.1f} s "
+        f"(first step with compilation {summary['first_step_s']:.1f} s{resumed}), "
+        f"{summary['tokens']:,} tokens; {summary['tokens_per_s']:,.0f} tokens/s, "
+        f"{_si(summary['flops_per_s'])}FLOP/s; metrics: {metrics_path}; TensorBoard: "
+        f"tensorboard --logdir {tensorboard_dir}"
+    )

@@ -11,6 +11,7 @@ over a mesh never gathers on one host.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,10 +20,12 @@ import jax.numpy as jnp
 
 from dem_jax.config.model import ModelConfig
 from dem_jax.errors import DemError
+from dem_jax.io import storage
 from dem_jax.io.hf.weights import TensorMap, tensor_maps
 from dem_jax.io.modeldir import Model
 from dem_jax.io.tree import get_leaf
 from dem_jax.model.transformer import param_shapes
+from dem_jax.sharding.distributed import is_main_process
 
 _LAYER_PREFIX = "model.layers.{i}."
 
@@ -76,6 +79,45 @@ def check_compatible(ref: ModelConfig, other: ModelConfig, ref_name: str, other_
             raise DemError(f"{other_name}: has parameter {describe(tmap)}, {ref_name} has not")
 
 
+def recorded_bases(finetuned: Model, model_path: str | os.PathLike | None) -> list[str]:
+    """Where a dem-jax training run's metadata says ``finetuned`` started from (its
+    ``base``, and ``base_relative`` resolved from ``model_path``); empty for models
+    that do not say (Hugging Face models, merges, older dem-jax models)."""
+    meta = finetuned.metadata or {}
+    if "trained_on" not in meta or "base" not in meta:
+        return []
+    if any(k in meta for k in ("dem", "merge", "baseline")):  # a merge copies its base's
+        return []
+    found = [str(meta["base"])]
+    if meta.get("base_relative") and model_path is not None and not storage.is_url(model_path):
+        found.append(os.path.join(storage.absolute(model_path), meta["base_relative"]))
+    return found
+
+
+def _same_place(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    if storage.is_url(a) or storage.is_url(b):
+        return os.fspath(a).rstrip("/") == os.fspath(b).rstrip("/")
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def other_base_warning(
+    finetuned: Model,
+    base_path: str | os.PathLike | None,
+    model_path: str | os.PathLike | None,
+    label: str,
+) -> str | None:
+    """One warning line when ``finetuned``'s metadata say it was trained from another
+    model than ``base_path`` (its vector would then mix in the difference of the two
+    bases), else None."""
+    recorded = recorded_bases(finetuned, model_path)
+    if base_path is None or not recorded or any(_same_place(base_path, r) for r in recorded):
+        return None
+    return (
+        f"warning: {label} was fine-tuned from {recorded[0]}, not from the base given "
+        f"({base_path}); its vector is measured from a model it was not trained from"
+    )
+
+
 def _f32_config(config: ModelConfig) -> ModelConfig:
     return config.replace(param_dtype="float32")
 
@@ -101,6 +143,9 @@ def distribution_vector(
     label = name or (str(model_path) if model_path else "fine-tuned model")
     base_label = str(base_path) if base_path else "base model"
     check_compatible(base.config, finetuned.config, base_label, label)
+    warning = other_base_warning(finetuned, base_path, model_path, label)
+    if warning is not None and is_main_process():
+        print(warning, file=sys.stderr, flush=True)
     shardings = jax.tree.map(lambda x: x.sharding, base.params)
     params = jax.jit(_subtract, out_shardings=shardings)(finetuned.params, base.params)
     return Vector(
