@@ -59,6 +59,7 @@ from dem_jax.io.orbax import read_metadata
 from dem_jax.io.run_layout import RunLayout
 from dem_jax.model.losses import batch_nll
 from dem_jax.model.transformer import init_params
+from dem_jax.pipeline.stages import pretrain_config
 from dem_jax.search.run import build_scorer
 from dem_jax.search.scorer import FORWARDS_PER_EVAL, FORWARDS_PER_GRADIENT, MergeScorer
 from dem_jax.search.strategies import run_search
@@ -188,17 +189,7 @@ def demo_scorer(demo_dir: Path | None):
     # The base as the pipeline pretrains it (dem_jax.pipeline.run), then the fine-tunes.
     pre = cfg.pipeline.pretrain
     names = sorted(cfg.data.distributions)
-    pre_cfg = dataclasses.replace(
-        cfg,
-        train=dataclasses.replace(
-            cfg.train,
-            steps=pre.steps,
-            learning_rate=pre.learning_rate,
-            batch_size=pre.batch_size,
-            eval_every=0,
-        ),
-        data=dataclasses.replace(cfg.data, mixture="uniform"),
-    )
+    pre_cfg = pretrain_config(cfg)
     quiet = lambda _: None  # noqa: E731
     t = time.perf_counter()
     base = demo_base(layout)

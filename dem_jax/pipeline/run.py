@@ -110,17 +110,7 @@ def _own_base(cfg: RunConfig, names, layout: RunLayout, mesh, log):
         base_model(cfg, mesh)  # initialised and saved once
         return _with_base(cfg, layout.base_model), None
     _adopt_legacy_base(layout, log)
-    pre_cfg = dataclasses.replace(
-        cfg,
-        train=dataclasses.replace(
-            cfg.train,
-            steps=pre.steps,
-            learning_rate=pre.learning_rate,
-            batch_size=pre.batch_size,
-            eval_every=0,
-        ),
-        data=dataclasses.replace(cfg.data, mixture="uniform"),
-    )
+    pre_cfg = st.pretrain_config(cfg)
     run_training(pre_cfg, BASE, log=log, distributions=sorted(pre.distributions or names))
     model_cfg = read_model_config(layout.base_model)
     cost = _train_cost(cfg, model_cfg, pre.steps, pre.batch_size, layout.base_model)

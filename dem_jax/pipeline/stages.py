@@ -3,6 +3,7 @@ log as each begins, and each stage's wall time for the report."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -19,6 +20,23 @@ MIXING = "data-mixing runs"
 EVALUATION = "evaluation"
 EXPORT = "Hugging Face export"
 REPORT = "report"
+
+
+def pretrain_config(cfg: RunConfig) -> RunConfig:
+    """The run config that pretrains the shared base: ``pipeline.pretrain``'s steps,
+    learning rate and batch size on a uniform mixture, without periodic evaluation."""
+    pre = cfg.pipeline.pretrain
+    return dataclasses.replace(
+        cfg,
+        train=dataclasses.replace(
+            cfg.train,
+            steps=pre.steps,
+            learning_rate=pre.learning_rate,
+            batch_size=pre.batch_size,
+            eval_every=0,
+        ),
+        data=dataclasses.replace(cfg.data, mixture="uniform"),
+    )
 
 
 def stage_names(cfg: RunConfig) -> list[str]:
