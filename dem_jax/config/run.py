@@ -6,12 +6,11 @@ dotted path by :mod:`dem_jax.config.loader`.
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field
 from typing import Any
 
 from dem_jax.config.model import DTYPES
-from dem_jax.errors import DemError
+from dem_jax.errors import DemError, did_you_mean
 
 
 @dataclass
@@ -149,10 +148,9 @@ def check_strategy(name: str) -> None:
     """DemError unless ``name`` is one of STRATEGIES, suggesting the closest one."""
     if name in STRATEGIES:
         return
-    close = difflib.get_close_matches(str(name), STRATEGIES, n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
     raise DemError(
-        f"search.strategy: unknown strategy {name!r} (known: {', '.join(STRATEGIES)}){hint}"
+        f"search.strategy: unknown strategy {name!r} "
+        f"({did_you_mean(name, STRATEGIES)}known: {', '.join(STRATEGIES)})"
     )
 
 
