@@ -99,6 +99,8 @@ def docs_records(chars: int) -> tuple[list[str], list[str]]:
     return train, val
 
 
+VAL_POOL = 24  # validation records drawn per source before --val cuts them
+
 SOURCES = {"code": code_records, "prose": prose_records, "docs": docs_records}
 
 
@@ -111,9 +113,13 @@ def main() -> None:
     parser.add_argument("out", type=Path, help="folder for data/ and config.yaml")
     parser.add_argument("--chars", type=int, default=600, help="characters per record")
     parser.add_argument("--train", type=int, default=400, help="training records per source")
-    parser.add_argument("--val", type=int, default=24, help="validation records per source")
+    parser.add_argument(
+        "--val", type=int, default=12, help=f"validation records per source (<= {VAL_POOL})"
+    )
     parser.add_argument("--seed", type=int, default=0, help="which records are sampled")
     args = parser.parse_args()
+    if not 0 < args.val <= VAL_POOL:
+        parser.error(f"--val must be between 1 and {VAL_POOL}, got {args.val}")
 
     from dem_jax.demo.smollm2 import smollm2_dir
 
@@ -123,7 +129,9 @@ def main() -> None:
     for name, build in SOURCES.items():
         train, val = build(args.chars)
         train = rng.sample(train, min(args.train, len(train)))
-        val = rng.sample(val, min(args.val, len(val)))
+        # Validation is drawn as a fixed pool and cut to --val, so that --val does not
+        # change which training records the next source gets from the same generator.
+        val = rng.sample(val, min(VAL_POOL, len(val)))[: args.val]
         write_jsonl(data / f"{name}.train.jsonl", train)
         write_jsonl(data / f"{name}.val.jsonl", val)
         print(f"{name}: {len(train)} training, {len(val)} validation records")
