@@ -1,4 +1,5 @@
-"""Scoring: parity with transformers, padding = packing, sharded = one device, the CLI."""
+"""Scoring: parity with transformers, padding = packing (the default), sharded = one
+device, the CLI."""
 
 import json
 import math
@@ -18,6 +19,12 @@ TEXT = [
     {"text": "w20 w21 é w22"},  # "é" is <unk>: 2 UTF-8 bytes, one token
     {"text": "w3"},
     {"text": " ".join(f"w{i}" for i in range(30, 60))},
+]
+# 3 to 41 tokens each (BOS, words, EOS): at --seq-len 16 the 41- and 26-token records
+# are split into pieces, and packed rows hold several of the short ones.
+VARIED = [
+    {"text": " ".join(f"w{i}" for i in range(start, start + n))}
+    for start, n in ((5, 1), (10, 9), (20, 39), (7, 3), (60, 24), (4, 14), (30, 5))
 ]
 PROMPT_COMPLETION = [
     {"prompt": "w40 w41 w42", "completion": "w43 w44"},
@@ -95,13 +102,51 @@ def test_packing_and_splitting_give_the_same_sums(setup):
     model = dem_jax.load_model(root / "hf")
     data = {"text": TEXT}
     padded = score_model(model, data, batch_size=2, seq_len=64, packing=False)["text"]
-    packed = score_model(model, data, batch_size=2, seq_len=64, packing=True)["text"]
+    packed = score_model(model, data, batch_size=2, seq_len=64)["text"]  # the default
     assert padded.tokens == packed.tokens
     np.testing.assert_allclose(packed.nll_sum, padded.nll_sum, rtol=1e-5)
     # Shorter rows split the long record (its later pieces lose context), so the
     # sum changes but every target is still counted exactly once.
     split = score_model(model, data, batch_size=2, seq_len=8)["text"]
     assert split.tokens == padded.tokens and split.nll_sum != pytest.approx(padded.nll_sum)
+
+
+def test_cli_packs_by_default_with_the_padded_sums_in_fewer_batches(
+    setup, capsys, monkeypatch, tmp_path
+):
+    from dem_jax.search import score as score_lib
+
+    root, _ = setup
+    varied = write_jsonl(tmp_path / "varied.jsonl", VARIED)
+    tokenizer = load_tokenizer(root / "hf")
+    packed_rows = encode_records(VARIED, tokenizer, seq_len=16, packing=True).rows
+    padded_rows = encode_records(VARIED, tokenizer, seq_len=16, packing=False).rows
+    assert len(packed_rows) < len(padded_rows)
+    # Count forward passes: every batch goes through the module's jitted _batch_nll.
+    calls, real = [], score_lib._batch_nll
+    monkeypatch.setattr(score_lib, "_batch_nll", lambda *a: calls.append(1) or real(*a))
+    args = ["score", "--model", root / "hf", "--data", f"v={varied}"]
+    args += ["--data", f"pc={root / 'pc.jsonl'}", "--seq-len", "16", "--batch-size", "2"]
+    runs = {}
+    for flag in ("", "--packing", "--no-packing"):
+        calls.clear()
+        assert main([*args, "--json", *([flag] if flag else [])]) == 0
+        runs[flag] = json.loads(capsys.readouterr().out)["distributions"], len(calls)
+    (packed, n_packed), (padded, n_padded) = runs[""], runs["--no-packing"]
+    assert runs["--packing"][0] == packed  # the old flag is a no-op alias of the default
+    assert n_packed < n_padded
+    assert n_padded == math.ceil(len(padded_rows) / 2) + math.ceil(len(PROMPT_COMPLETION) / 2)
+    # Every word and EOS is a loss token, in both modes, split records included.
+    assert (
+        packed["v"]["tokens"]
+        == padded["v"]["tokens"]
+        == sum(len(r["text"].split()) + 1 for r in VARIED)
+    )
+    for name in ("v", "pc"):
+        assert packed[name]["tokens"] == padded[name]["tokens"]
+        assert packed[name]["bytes"] == padded[name]["bytes"]
+        for key in ("nll_sum", "perplexity", "bits_per_byte"):
+            np.testing.assert_allclose(packed[name][key], padded[name][key], rtol=1e-5)
 
 
 def test_sharded_scoring_equals_one_device(setup):
@@ -192,7 +237,7 @@ def test_one_compile_for_every_batch_and_set(setup):
     before = score_lib._batch_nll._cache_size()
     # Sets of 4, 3 and 12 rows in batches of 5: every last batch is padded to 5 rows.
     data = {"a": TEXT, "b": PROMPT_COMPLETION, "c": TEXT * 3}
-    scores = score_model(model, data, batch_size=5, seq_len=24)
+    scores = score_model(model, data, batch_size=5, seq_len=24, packing=False)
     assert score_lib._batch_nll._cache_size() - before == 1
     assert scores["c"].tokens == 3 * scores["a"].tokens
     np.testing.assert_allclose(scores["c"].nll_sum, 3 * scores["a"].nll_sum, rtol=1e-5)

@@ -18,11 +18,25 @@ def register(sub) -> None:
     add_named(p, "--data", "NAME=FILE.jsonl", "a named JSONL file to score")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--batch-size", type=int, default=8, help="rows per forward pass (default 8)")
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per row (default 512)")
+    p.add_argument(
+        "--seq-len",
+        type=int,
+        default=512,
+        help="tokens per row (default 512); a longer record is scored in pieces of this many "
+        "tokens, each without the earlier pieces as context",
+    )
     p.add_argument("--tokenizer", help="tokenizer directory (default: the model's own)")
     p.add_argument("--mesh", help="device mesh, e.g. fsdp=2,tensor=4 (default: one device)")
     p.add_argument(
-        "--packing", action="store_true", help="pack several records per row (same sums)"
+        "--no-packing",
+        dest="packing",
+        action="store_false",
+        help="one record per row, padded to --seq-len (default: several records packed per "
+        "row, kept apart by segment ids; same sums and token counts, fewer rows)",
+    )
+    # Packing is the default; --packing stays accepted for scripts that pass it.
+    p.add_argument(
+        "--packing", dest="packing", action="store_true", default=True, help=argparse.SUPPRESS
     )
     p.add_argument(
         "--prompt-template", default="{prompt}", help="applied to prompt of prompt/completion"

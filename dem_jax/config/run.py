@@ -60,7 +60,9 @@ class DataConfig:
     distributions: dict[str, DistributionConfig] = field(default_factory=dict)
     tokenizer: str | None = None  # tokenizer directory; default: the base model's
     seq_len: int = 512  # tokens per training row
-    packing: bool = True  # pack several documents per row (segment ids keep them apart)
+    # Pack several documents per training row (segment ids keep them apart); scoring
+    # (evaluation, search) always packs, since the sums are the same either way.
+    packing: bool = True
     prompt_template: str = "{prompt}"  # applied to `prompt` of prompt/completion records
     add_bos: bool = True  # prepend the tokenizer's BOS token, if it has one
     add_eos: bool = True  # append EOS, so models learn to stop

@@ -32,7 +32,7 @@ def evaluate_model(
         batch_size=cfg.search.batch_size,
         seq_len=d.seq_len,
         mesh=mesh,
-        packing=d.packing,
+        packing=True,  # data.packing is for training; scoring sums are the same packed
         template=d.prompt_template,
         add_bos=d.add_bos,
         add_eos=d.add_eos,

@@ -41,9 +41,10 @@ def build_scorer(run: RunConfig, mesh: Mesh | None = None, progress: Progress | 
     tokenizer = load_tokenizer(run.data.tokenizer or base_path)
     check_tokenizer_fits(tokenizer, read_model_config(base_path).vocab_size, str(base_path))
     d = run.data
+    # Always packed, whatever data.packing says for training: the same sums, fewer rows.
     sets = {
         name: encode_records(
-            recs, tokenizer, d.seq_len, d.packing, d.prompt_template, d.add_bos, d.add_eos
+            recs, tokenizer, d.seq_len, True, d.prompt_template, d.add_bos, d.add_eos
         )
         for name, recs in records.items()
     }

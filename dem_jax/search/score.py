@@ -19,9 +19,14 @@ Definitions, per distribution (natural logs throughout):
   EOS's NLL is still counted (it is what tells the model where the text
   ends). This makes bits per byte comparable across tokenizers.
 
-Rows are padded (``packing=False``) or packed; because segment ids keep
-packed documents apart the sums are the same either way. The last batch is
-filled with zero-loss rows so every batch has one shape and compiles once.
+Rows are packed (the default: several records per row, each its own segment,
+so none attends to another) or padded (``packing=False``: one record per row).
+The sums and token counts are the same either way (to float rounding); packing
+just needs fewer rows. A record longer than ``seq_len`` is split, in both
+modes alike, into pieces of ``seq_len`` targets (each piece scored without the
+earlier pieces as context), so every target is counted exactly once. The last
+batch is filled with zero-loss rows so every batch has one shape and compiles
+once.
 """
 
 from __future__ import annotations
@@ -148,7 +153,7 @@ def score_model(
     batch_size: int = 8,
     seq_len: int = 512,
     mesh: Mesh | None = None,
-    packing: bool = False,
+    packing: bool = True,
     template: str = "{prompt}",
     add_bos: bool = True,
     add_eos: bool = True,
@@ -158,7 +163,9 @@ def score_model(
     """Score ``model`` on each named dataset: a JSONL path or a list of records.
 
     ``tokenizer`` is a tokenizer, a tokenizer directory, or None for the
-    model's own tokenizer files. With ``mesh`` the parameters are placed on
+    model's own tokenizer files. ``packing`` (the default) puts several records
+    in a row; False gives each record its own padded row (same results, more
+    rows). With ``mesh`` the parameters are placed on
     their shardings and each batch is split over the data-parallel axes
     (``batch_size`` must divide by data*fsdp). ``max_batches`` > 0 scores only
     the first batches of each set (bits per byte is then undefined: NaN).
