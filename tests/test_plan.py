@@ -247,7 +247,11 @@ def test_hand_computed_plan():
     )
     assert bf16.parts["params"] == 282 * 2 and bf16.parts["optimizer"] == 2 * 282 * 2
     no_remat = activation_bytes(TINY, 2, 5, "bfloat16", 2, remat=False)
-    assert no_remat["total"] == 3 * 2130 + 1460  # (L + 1) layers + head
+    # Without remat a layer keeps its input and matmul outputs for the backward pass:
+    # b T (2D + (h+2k)Dh + 2f) c = 10 * (12 + 12 + 10) * 2 = 680 per layer; L = 2.
+    assert no_remat["saved"] == 2 * 680
+    # saved + one layer in flight (less its saved part, already counted) + head
+    assert no_remat["total"] == 2 * 680 + (2130 - 680) + 1460
 
 
 def _bytes_on(tree, device) -> int:

@@ -66,7 +66,7 @@ class ModelConfig:
     sliding_windows: tuple[int | None, ...] | None = None
     param_dtype: str = "float32"  # storage dtype of the weights
     dtype: str = "float32"  # compute dtype of activations and matmuls
-    remat: bool = False  # recompute each layer in the backward pass (saves memory)
+    remat: bool = False  # recompute each layer in the backward pass (off: keep matmul outputs)
     # Attention kernel (dem_jax.model.attention): "auto" (cuDNN flash attention on
     # NVIDIA GPUs in 16-bit, else XLA's fused jax.nn.dot_product_attention), "xla",
     # "cudnn", or "reference" (the plain einsum softmax the others are tested against).

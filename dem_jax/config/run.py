@@ -104,14 +104,14 @@ class TrainConfig:
     grad_clip: float = 1.0  # global-norm clipping; 0 disables
     param_dtype: str = "float32"  # master weights
     compute_dtype: str = "bfloat16"  # activations and matmuls
-    remat: bool = False  # recompute activations in the backward pass
+    remat: bool = False  # recompute whole layers in the backward pass (off: keep matmul outputs)
     seed: int = 0  # parameter init (when training from scratch) and dropout-free RNG
     eval_every: int = 50  # validation every N steps (0: only at the end)
     eval_batches: int = 0  # validation batches per evaluation; 0 = the whole split
     log_every: int = 10  # metrics line every N steps
     checkpoint_every: int = 50  # save every N steps (0: only at the end)
     keep_checkpoints: int = 2  # keep the last N checkpoints
-    async_checkpoint: bool = True  # save in the background while training continues
+    async_checkpoint: bool = True  # save in the background (on accelerators; CPU saves block)
 
     def __post_init__(self):
         if self.steps <= 0 or self.batch_size <= 0 or self.grad_accum <= 0:

@@ -80,6 +80,14 @@ def load_splits(data: DataConfig, tokenizer, name: str) -> tuple[Split, Split]:
     )
 
 
+def load_validation(data: DataConfig, tokenizer, name: str) -> Split:
+    """The validation rows of one distribution alone. Its training file is still read
+    (a held-out fraction comes from it) but not tokenised: a run evaluates on every
+    distribution and trains on one, and need not hold the others' training rows."""
+    _, val = distribution_records(data, name)
+    return _tokenize(data, tokenizer, val, name, "validation")
+
+
 def mixture_weights(
     data: DataConfig, splits: dict[str, Split], proportions_path: Path | None = None
 ) -> dict[str, float]:

@@ -37,13 +37,19 @@ v6e, a TensorCore on v2/v3) and follows the trainer in :mod:`dem_jax.train`:
   chunked (:func:`dem_jax.model.losses.chunked_nll_sum`) and keeps
   ``b·T·D·(4 + 2c) + 4·D·V + b·C·V·(c + 4)`` (the final norm and ∂hidden, the
   float32 ∂kernel, and one chunk of C positions' logits with one float32 buffer
-  for their softmax and gradient). In total::
+  for their softmax and gradient). Without remat each layer keeps only its input
+  and the outputs of its weight matmuls for the backward pass (the rest of the
+  layer is recomputed there, see :mod:`dem_jax.model.transformer`)::
 
-      without remat:  (L + 1)·A_layer + A_head     (all layers, and gradients in flight)
-      with remat:     L·b·T·D·c + A_layer + A_head (layer inputs; one layer recomputed)
+      S_layer = b·T·(2·D + (H + 2K)·Dh + 2·F)·c   (input, q, k, v, o_proj, gate, up)
+
+  In total::
+
+      without remat:  L·S_layer + (A_layer - S_layer) + A_head   (saved; one layer in flight)
+      with remat:     L·b·T·D·c + A_layer + A_head   (layer inputs; one layer recomputed)
 
   tests/test_plan.py compiles the real train step and checks the whole plan
-  against XLA's own buffer assignment: it lands at or up to ~15% above it.
+  against XLA's own buffer assignment: it lands at or up to ~20% above it.
 
 The plan fits when the sum stays under ``1 - RESERVE`` of the device's HBM;
 the reserve covers XLA scratch space, fragmentation and the runtime.
@@ -142,8 +148,9 @@ def activation_bytes(
         head = b * t * d * (4 + 2 * c) + d * v * 4 + b * chunk * v * (c + 4)
     if remat:
         saved, working = layers * b * t * d * c, layer
-    else:
-        saved, working = layers * layer, layer
+    else:  # the layer in flight already has its matmul outputs among the saved ones
+        kept = b * t * (2 * d + (h + 2 * k) * dh + 2 * f) * c
+        saved, working = layers * kept, layer - kept
     total = saved + working + head
     return {"layer": layer, "saved": saved, "working": working, "head": head, "total": total}
 

@@ -31,6 +31,7 @@ from dem_jax.data.pipeline import (
     BatchIterator,
     eval_batches,
     load_splits,
+    load_validation,
     mixture_weights,
     to_global,
     train_dataset,
@@ -45,6 +46,7 @@ from dem_jax.model.flops import train_flops
 from dem_jax.sharding.distributed import initialize_from_env
 from dem_jax.sharding.rules import batch_sharding, make_mesh
 from dem_jax.train.checkpointing import TrainCheckpoints
+from dem_jax.train.host_memory import release_free_memory
 from dem_jax.train.metrics import MetricsWriter
 from dem_jax.train.optimizer import make_optimizer
 from dem_jax.train.progress import Progress, format_summary, training_summary
@@ -137,6 +139,7 @@ def _evaluate(params, config, eval_sets, eval_fn, mesh) -> dict[str, dict[str, f
             total, count = total + float(nll), count + float(n)
         mean = total / max(count, 1.0)
         results[name] = {"nll": mean, "ppl": float(np.exp(mean)), "tokens": int(count)}
+    release_free_memory()  # the evaluation's buffers, before the next step's
     return results
 
 
@@ -169,11 +172,16 @@ def run_training(
     vocab_size, model_where = base_vocab_size(cfg)
     check_tokenizer_fits(tokenizer, vocab_size, model_where)
 
-    splits = {n: load_splits(cfg.data, tokenizer, n) for n in sorted(cfg.data.distributions)}
-    for n, pair in splits.items():
+    # Training rows of the distributions trained on; validation rows of every one.
+    train_splits, val_splits = {}, {}
+    for n in sorted(cfg.data.distributions):
+        if n in names:
+            train_splits[n], val_splits[n] = load_splits(cfg.data, tokenizer, n)
+        else:
+            val_splits[n] = load_validation(cfg.data, tokenizer, n)
+        pair = [val_splits[n]] + ([train_splits[n]] if n in names else [])
         arrays = (r[k] for split in pair for r in split.rows for k in ("tokens", "targets"))
         check_ids_fit(arrays, vocab_size, f"data.distributions.{n}")
-    train_splits = {n: splits[n][0] for n in names}
     weights = (
         mixture_weights(cfg.data, train_splits, layout.mixture_proportions) if mixing else None
     )
@@ -181,13 +189,16 @@ def run_training(
     pid, nproc = jax.process_index(), jax.process_count()
     dataset = train_dataset(train_splits, weights, t.batch_size, cfg.data.shuffle_seed, pid, nproc)
     eval_sets = {
-        n: eval_batches(splits[n][1], t.batch_size, t.eval_batches, pid, nproc) for n in splits
+        n: eval_batches(split, t.batch_size, t.eval_batches, pid, nproc)
+        for n, split in val_splits.items()
     }
 
     base, base_path = base_model(cfg, mesh, name)
     config = base.config.replace(dtype=t.compute_dtype, remat=t.remat)
+    base_hf_config = base.hf_config
     tx = make_optimizer(t)
-    state = init_state(base.params, tx)
+    state = init_state(base.params, tx, donate=True)  # the state holds the only copy
+    del base
     step_fn = jit_train_step(state, config=config, tx=tx, accum=t.grad_accum)
     eval_fn = jax.jit(functools.partial(eval_step, config=config))
 
@@ -225,7 +236,15 @@ def run_training(
     try:
         step_start = run_start = first_done = time.perf_counter()
         for step in range(start + 1, t.steps + 1):
-            state, out = step_fn(state, to_global(next(iterator), sharding))
+            batch = to_global(next(iterator), sharding)
+            if step == start + 1:
+                # Compile both steps now (evaluation batches have the train batches'
+                # shapes), not the evaluation in the middle of training, and hand back
+                # what the compiler freed before the first step allocates beside it.
+                step_fn.lower(state, batch).compile()
+                eval_fn.lower(state["params"], batch).compile()
+                release_free_memory()
+            state, out = step_fn(state, batch)
             watch = _watch(watch, step, out)
             if step == start + 1:  # compilation and one step, kept out of the speed
                 jax.block_until_ready(out["loss"])
@@ -260,6 +279,7 @@ def run_training(
             if t.checkpoint_every and step % t.checkpoint_every == 0 and step != t.steps:
                 stop_if_diverged(step)
                 checkpoints.save(step, state, iterator.get_state(), meta)
+                release_free_memory()  # what a blocking save's writers freed
         loop_end = time.perf_counter()
         stop_if_diverged(t.steps)  # nothing non-finite is evaluated, saved or exported
         final = _evaluate(state["params"], config, eval_sets, eval_fn, mesh)
@@ -268,6 +288,7 @@ def run_training(
         if start < t.steps:
             checkpoints.save(t.steps, state, iterator.get_state(), meta, force=True)
         checkpoints.wait()
+        release_free_memory()
     finally:
         signal.signal(signal.SIGTERM, previous)
         checkpoints.close()
@@ -285,7 +306,7 @@ def run_training(
     trained = Model(
         config.replace(dtype=config.param_dtype, remat=False),
         state["params"],
-        hf_config=base.hf_config,
+        hf_config=base_hf_config,
         assets_dir=storage.path(cfg.data.tokenizer or cfg.model.path),
         metadata={
             "trained_on": names,

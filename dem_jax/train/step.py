@@ -18,9 +18,15 @@ from dem_jax.config.model import ModelConfig
 from dem_jax.model.losses import batch_nll
 
 
-def init_state(params: dict[str, Any], tx: optax.GradientTransformation) -> dict[str, Any]:
+def init_state(
+    params: dict[str, Any], tx: optax.GradientTransformation, donate: bool = False
+) -> dict[str, Any]:
     """A fresh train state whose optimizer moments are sharded like their parameters
-    (left to propagation, XLA would replicate them: a full copy per device)."""
+    (left to propagation, XLA would replicate them: a full copy per device).
+
+    With ``donate`` the state takes over ``params``' buffers (they are deleted) instead
+    of copying them: the trainer's only copy of the weights is then the state's.
+    """
     param_shardings = jax.tree.map(lambda x: x.sharding, params)
     replicated = _replicated_like(jax.tree.leaves(param_shardings)[0])
     opt_shardings = optax.tree_map_params(
@@ -34,6 +40,7 @@ def init_state(params: dict[str, Any], tx: optax.GradientTransformation) -> dict
     init = jax.jit(
         lambda p: {"params": p, "opt_state": tx.init(p), "step": jnp.int32(0)},
         out_shardings=shardings,
+        donate_argnums=0 if donate else (),
     )
     return init(params)
 
