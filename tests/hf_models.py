@@ -64,6 +64,92 @@ CASES = {
             max_window_layers=1,
         ),
     ),
+    # The families beyond Llama (see dem_jax.io.hf.families): sizes small, caps low and
+    # windows short enough that every switch changes the logits.
+    "qwen3": ("Qwen3Config", dict(num_attention_heads=4, num_key_value_heads=2, head_dim=12)),
+    "qwen3_tied_window": (
+        "Qwen3Config",
+        dict(
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=12,
+            tie_word_embeddings=True,
+            use_sliding_window=True,
+            sliding_window=4,
+            max_window_layers=1,
+        ),
+    ),
+    "gemma2": (
+        "Gemma2Config",
+        dict(
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=12,
+            query_pre_attn_scalar=16,
+            sliding_window=4,
+            attn_logit_softcapping=2.0,
+            final_logit_softcapping=3.0,
+        ),
+    ),
+    "gemma3": (
+        "Gemma3TextConfig",
+        dict(
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=12,
+            query_pre_attn_scalar=16,
+            sliding_window=4,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            rope_parameters={
+                "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+            },
+        ),
+    ),
+    "phi3": (
+        "Phi3Config",
+        dict(
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            sliding_window=5,
+            pad_token_id=0,
+            eos_token_id=2,
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "partial_rotary_factor": 0.6,
+            },
+        ),
+    ),
+    "phi3_longrope": (
+        "Phi3Config",
+        dict(
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            pad_token_id=0,
+            eos_token_id=2,
+            original_max_position_embeddings=8,
+            rope_parameters={
+                "rope_type": "longrope",
+                "rope_theta": 10000.0,
+                "short_factor": [1.0, 1.5, 2.0, 3.0, 4.0],
+                "long_factor": [2.0, 3.0, 5.0, 8.0, 13.0],
+                "original_max_position_embeddings": 8,
+            },
+        ),
+    ),
+    "olmo2": (
+        "Olmo2Config",
+        dict(num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, eos_token_id=2),
+    ),
+}
+# The families each dense case stands for (tests/test_families.py runs one per family).
+FAMILY_CASES = {
+    "qwen3": "qwen3",
+    "gemma2": "gemma2",
+    "gemma3": "gemma3",
+    "phi3": "phi3",
+    "olmo2": "olmo2",
 }
 
 

@@ -15,6 +15,11 @@ and padding structure (see :func:`dem_jax.model.transformer.attention_mask`).
   multiple of 8 up to 128), else ``xla``; a shape cuDNN refuses at trace time falls
   back to ``xla``.
 
+Every kind scales the scores by ``scale`` (default 1/√Dh; Gemma's
+``query_pre_attn_scalar``). Gemma 2's soft-capping of the scores
+(``softcap · tanh(scores / softcap)``) has no fused kernel, so a softcap runs the
+reference computation whatever the kind.
+
 TPU splash attention (Pallas) is not wired in yet: TPUs run ``xla``.
 """
 
@@ -24,34 +29,39 @@ import jax
 import jax.numpy as jnp
 
 
-def attention(q, k, v, mask, kind: str = "auto") -> jax.Array:
-    """softmax(q kᵀ / √Dh + mask) v of shape (B, T, H, Dh) with the kernel ``kind``."""
-    if kind == "reference":
-        return reference_attention(q, k, v, mask)
+def attention(q, k, v, mask, kind: str = "auto", scale=None, softcap=None) -> jax.Array:
+    """softmax(q kᵀ · scale + mask) v of shape (B, T, H, Dh) with the kernel ``kind``."""
+    if kind == "reference" or softcap is not None:
+        return reference_attention(q, k, v, mask, scale, softcap)
     if kind == "auto":
         kind = "cudnn" if _cudnn_applies(q) else "xla"
         if kind == "cudnn":
             try:
-                return _fused(q, k, v, mask, "cudnn")
+                return _fused(q, k, v, mask, "cudnn", scale)
             except (NotImplementedError, ValueError, RuntimeError):
                 kind = "xla"
-    return _fused(q, k, v, mask, kind)
+    return _fused(q, k, v, mask, kind, scale)
 
 
-def reference_attention(q, k, v, mask) -> jax.Array:
-    """The plain computation: float32 scores, masked, softmax, weighted values."""
+def reference_attention(q, k, v, mask, scale=None, softcap=None) -> jax.Array:
+    """The plain computation: float32 scores, scaled, soft-capped, masked, softmax,
+    weighted values."""
     b, t, h, hd = q.shape
     kv_heads = k.shape[2]
     q = q.reshape(b, t, kv_heads, h // kv_heads, hd)  # (B, T, K, G, Dh)
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32)
-    scores = scores * (hd**-0.5)
+    scores = scores * (hd**-0.5 if scale is None else scale)
+    if softcap is not None:
+        scores = softcap * jnp.tanh(scores / softcap)
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, hd)
 
 
-def _fused(q, k, v, mask, implementation: str) -> jax.Array:
-    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation=implementation)
+def _fused(q, k, v, mask, implementation: str, scale=None) -> jax.Array:
+    return jax.nn.dot_product_attention(
+        q, k, v, mask=mask[:, None], scale=scale, implementation=implementation
+    )
 
 
 def _cudnn_applies(q) -> bool:

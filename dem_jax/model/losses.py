@@ -14,7 +14,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from dem_jax.model.transformer import apply_hidden
+from dem_jax.model.transformer import apply_hidden, softcap_logits
 
 # Logit elements per chunk (B · chunk · V): 16M float32 values, 64 MiB.
 CHUNK_ELEMENTS = 2**24
@@ -51,6 +51,7 @@ def chunked_nll_sum(
     targets: jax.Array,
     loss_mask: jax.Array,
     chunk: int | None = None,
+    softcap: float | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """:func:`masked_nll_sum` of ``hidden @ kernel`` without the whole logits.
 
@@ -61,19 +62,21 @@ def chunked_nll_sum(
     adds its NLL and drops them. Under differentiation the same pass also forms the
     chunk's gradients (softmax − one-hot, times the mask) and folds them into
     ∂hidden and ∂kernel at once, so nothing is recomputed in the backward pass:
-    the same matmuls as the unchunked loss, a fraction of its memory.
+    the same matmuls as the unchunked loss, a fraction of its memory. A ``softcap``
+    (Gemma 2) caps each chunk's logits as the forward pass does.
     """
     b, t, _ = hidden.shape
     chunk = chunk or chunk_length(b, t, kernel.shape[-1])
     mask = loss_mask.astype(jnp.float32)
     if chunk >= t:
-        return masked_nll_sum(hidden @ kernel, targets, mask)
+        logits = softcap_logits((hidden @ kernel).astype(jnp.float32), softcap)
+        return masked_nll_sum(logits, targets, mask)
     pad = -t % chunk
     if pad:  # padded positions have mask 0, so they add nothing
         hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
         targets = jnp.pad(targets, ((0, 0), (0, pad)))
         mask = jnp.pad(mask, ((0, 0), (0, pad)))
-    total = _chunked_total(hidden, kernel, targets, mask, chunk)
+    total = _chunked_total(hidden, kernel, targets, mask, chunk, softcap)
     return total, jnp.sum(mask)
 
 
@@ -83,9 +86,12 @@ def _split(a: jax.Array, chunk: int) -> jax.Array:
     return jnp.moveaxis(a.reshape(b, t // chunk, chunk, *a.shape[2:]), 1, 0)
 
 
-def _chunk_terms(h, kernel, y, m, with_grads: bool):
+def _chunk_terms(h, kernel, y, m, with_grads: bool, softcap=None):
     """One chunk's NLL sum and, if asked, (∂h, ∂kernel) of that sum."""
     logits = (h @ kernel).astype(jnp.float32)  # (B, c, V)
+    if softcap is not None:
+        capped = jnp.tanh(logits / softcap)
+        logits = softcap * capped
     log_z = jax.nn.logsumexp(logits, axis=-1)
     target_logit = jnp.take_along_axis(logits, y[..., None], axis=-1)[..., 0]
     total = jnp.sum((log_z - target_logit) * m)
@@ -93,28 +99,30 @@ def _chunk_terms(h, kernel, y, m, with_grads: bool):
         return total, None
     probs = jnp.exp(logits - log_z[..., None])
     g = (probs - jax.nn.one_hot(y, logits.shape[-1], dtype=probs.dtype)) * m[..., None]
+    if softcap is not None:  # d(c·tanh(z/c))/dz = 1 - tanh²(z/c)
+        g = g * (1 - capped * capped)
     g = g.astype(h.dtype)  # as autodiff casts it back through the astype above
     d_h = jnp.einsum("bcv,dv->bcd", g, kernel)
     d_kernel = jnp.einsum("bcd,bcv->dv", h, g, preferred_element_type=jnp.float32)
     return total, (d_h, d_kernel)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _chunked_total(hidden, kernel, targets, mask, chunk):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _chunked_total(hidden, kernel, targets, mask, chunk, softcap):
     def body(total, xs):
         h, y, m = xs
-        return total + _chunk_terms(h, kernel, y, m, with_grads=False)[0], None
+        return total + _chunk_terms(h, kernel, y, m, False, softcap)[0], None
 
     xs = (_split(hidden, chunk), _split(targets, chunk), _split(mask, chunk))
     total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), xs)
     return total
 
 
-def _chunked_total_fwd(hidden, kernel, targets, mask, chunk):
+def _chunked_total_fwd(hidden, kernel, targets, mask, chunk, softcap):
     def body(carry, xs):
         total, d_kernel = carry
         h, y, m = xs
-        part, (d_h, d_k) = _chunk_terms(h, kernel, y, m, with_grads=True)
+        part, (d_h, d_k) = _chunk_terms(h, kernel, y, m, True, softcap)
         return (total + part, d_kernel + d_k), d_h
 
     init = (jnp.zeros((), jnp.float32), jnp.zeros(kernel.shape, jnp.float32))
@@ -124,7 +132,7 @@ def _chunked_total_fwd(hidden, kernel, targets, mask, chunk):
     return total, (d_h, d_kernel.astype(kernel.dtype))
 
 
-def _chunked_total_bwd(chunk, residuals, g):
+def _chunked_total_bwd(chunk, softcap, residuals, g):
     d_h, d_kernel = residuals
     return (g * d_h).astype(d_h.dtype), (g * d_kernel).astype(d_kernel.dtype), None, None
 
@@ -141,4 +149,6 @@ def batch_nll(params, config, batch) -> tuple[jax.Array, jax.Array]:
         positions=batch["positions"],
         segment_ids=batch["segment_ids"],
     )
-    return chunked_nll_sum(hidden, kernel, batch["targets"], batch["loss_mask"])
+    return chunked_nll_sum(
+        hidden, kernel, batch["targets"], batch["loss_mask"], softcap=config.final_softcap
+    )

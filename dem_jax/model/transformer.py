@@ -1,9 +1,14 @@
-"""The Llama-family decoder as Flax NNX modules.
+"""The decoder as Flax NNX modules.
 
-Covers what Hugging Face's ``LlamaForCausalLM``, ``MistralForCausalLM`` and
-``Qwen2ForCausalLM`` compute: RMSNorm, RoPE (with scaling), grouped-query
-attention, SwiGLU, optional q/k/v and o biases, sliding windows, tied or
-untied embeddings.
+Covers what Hugging Face's ``LlamaForCausalLM``, ``MistralForCausalLM``,
+``Qwen2ForCausalLM``, ``Qwen3ForCausalLM``, ``Gemma2ForCausalLM``,
+``Gemma3ForCausalLM``, ``Phi3ForCausalLM``, ``Olmo2ForCausalLM``,
+``MixtralForCausalLM`` and ``Qwen3MoeForCausalLM`` compute: RMSNorm (pre, post or
+sandwich; Llama's, OLMo's or Gemma's scale), RoPE (with scaling, partial, per
+layer kind), grouped-query attention with optional q/k norms, biases, score
+scale and soft-capping, sliding windows, SwiGLU/GeGLU or routed experts,
+scaled, tied or untied embeddings and soft-capped logits. The layers themselves
+are in :mod:`dem_jax.model.layers`.
 
 All layers live in one :class:`Block` whose parameters carry a leading
 ``layers`` axis; the forward pass runs one ``jax.lax.scan`` over it, so
@@ -25,132 +30,47 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dem_jax.config.model import ModelConfig
-from dem_jax.model.attention import attention
-from dem_jax.model.rope import apply_rope, rope_tables
+from dem_jax.model.layers import MLP, Attention, Dense, Embed, RMSNorm
+from dem_jax.model.rope import rope_tables
 
 # Large enough to mean "no window" for any real sequence.
 _NO_WINDOW = 2**30
 # Without remat, a layer keeps the outputs of its weight matmuls (dots with no batch
 # dimension: not the attention scores) for the backward pass; MaxText's "minimal".
 _SAVE_MATMUL_OUTPUTS = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
-_INIT_STD = 0.02  # Hugging Face's initializer_range default for Llama
-
-
-def _param(rngs: nnx.Rngs | None, shape, axes, dtype, init: str = "normal") -> nnx.Param:
-    """A parameter tagged with its logical axis names (one per dimension)."""
-    assert len(shape) == len(axes), (shape, axes)
-    if init == "ones":
-        value = jnp.ones(shape, dtype)
-    elif init == "zeros":
-        value = jnp.zeros(shape, dtype)
-    else:
-        value = (_INIT_STD * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
-    return nnx.Param(value, logical_axes=tuple(axes))
-
-
-class RMSNorm(nnx.Module):
-    """Root-mean-square norm; statistics in float32 as the reference does."""
-
-    def __init__(self, config: ModelConfig, stack: tuple[int, ...] = ()):
-        axes = ("layers",) * len(stack) + ("norm",)
-        self.scale = _param(None, (*stack, config.hidden_size), axes, config.param_dtype, "ones")
-        self.eps = config.rms_norm_eps
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        dtype = x.dtype
-        x32 = x.astype(jnp.float32)
-        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return self.scale[...].astype(dtype) * x32.astype(dtype)
-
-
-class Dense(nnx.Module):
-    """x @ kernel (+ bias), kernel shaped (in_dims..., out_dims...) so heads stay explicit."""
-
-    def __init__(self, rngs, stack, in_shape, out_shape, in_axes, out_axes, dtype, bias=False):
-        lead = ("layers",) * len(stack)
-        self.kernel = _param(
-            rngs, (*stack, *in_shape, *out_shape), (*lead, *in_axes, *out_axes), dtype
-        )
-        self.bias = (
-            _param(rngs, (*stack, *out_shape), (*lead, *out_axes), dtype, "zeros") if bias else None
-        )
-        self.n_in = len(in_shape)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.kernel[...].astype(x.dtype)
-        contract = (tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in)))
-        y = jax.lax.dot_general(x, kernel, (contract, ((), ())))
-        if self.bias is not None:
-            y = y + self.bias[...].astype(x.dtype)
-        return y
-
-
-class Attention(nnx.Module):
-    """Grouped-query self-attention with RoPE."""
-
-    def __init__(self, config: ModelConfig, rngs: nnx.Rngs, stack: tuple[int, ...] = ()):
-        c = config
-        d, h, k, hd = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
-        dense = functools.partial(Dense, rngs, stack, dtype=c.param_dtype)
-        self.q_proj = dense((d,), (h, hd), ("embed",), ("heads", "head_dim"), bias=c.qkv_bias)
-        self.k_proj = dense((d,), (k, hd), ("embed",), ("kv_heads", "head_dim"), bias=c.qkv_bias)
-        self.v_proj = dense((d,), (k, hd), ("embed",), ("kv_heads", "head_dim"), bias=c.qkv_bias)
-        self.o_proj = dense((h, hd), (d,), ("heads", "head_dim"), ("embed",), bias=c.o_bias)
-        self.kind = c.attention  # which kernel (dem_jax.model.attention)
-
-    def __call__(self, x, cos, sin, mask, kv=None, index=None):
-        """Attention of x (B, T, D) over itself, or, with a KV cache ``kv`` = (k, v) each
-        (B, S, K, Dh), over the cache after writing x's keys/values at ``index``."""
-        q = apply_rope(self.q_proj(x), cos, sin)  # (B, T, H, Dh)
-        k = apply_rope(self.k_proj(x), cos, sin)  # (B, T, K, Dh)
-        v = self.v_proj(x)  # (B, T, K, Dh)
-        if kv is not None:
-            start = (0, index, 0, 0)
-            k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), start)  # (B, S, K, Dh)
-            v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), start)
-            kv = (k, v)
-        out = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, self.kind)
-        out = self.o_proj(out)  # (B, T, H, Dh) -> (B, T, D)
-        return out if kv is None else (out, kv)
-
-
-class MLP(nnx.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
-
-    def __init__(self, config: ModelConfig, rngs: nnx.Rngs, stack: tuple[int, ...] = ()):
-        d, f = config.hidden_size, config.intermediate_size
-        dense = functools.partial(Dense, rngs, stack, dtype=config.param_dtype)
-        self.gate_proj = dense((d,), (f,), ("embed",), ("mlp",))
-        self.up_proj = dense((d,), (f,), ("embed",), ("mlp",))
-        self.down_proj = dense((f,), (d,), ("mlp",), ("embed",))
-
-    def __call__(self, x):
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
-class Embed(nnx.Module):
-    """Token embedding table (V, D); also the output projection when tied."""
-
-    def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
-        shape = (config.vocab_size, config.hidden_size)
-        self.embedding = _param(rngs, shape, ("vocab", "embed"), config.param_dtype)
 
 
 class Block(nnx.Module):
-    """One pre-norm decoder layer. Built with ``stack=(L,)`` it holds all L layers."""
+    """One decoder layer. Built with ``stack=(L,)`` it holds all L layers.
+
+    Norms by ``config.norm_placement``: "pre" normalises the inputs of attention
+    and MLP (``attn_norm``, ``mlp_norm``), "post" their outputs before the residual
+    add (``post_attn_norm``, ``post_mlp_norm``), "sandwich" both.
+    """
 
     def __init__(self, config: ModelConfig, rngs: nnx.Rngs, stack: tuple[int, ...] = ()):
-        self.attn_norm = RMSNorm(config, stack)
+        placement = config.norm_placement
+        if placement in ("pre", "sandwich"):
+            self.attn_norm = RMSNorm(config, stack)
+        if placement in ("post", "sandwich"):
+            self.post_attn_norm = RMSNorm(config, stack)
         self.attn = Attention(config, rngs, stack)
-        self.mlp_norm = RMSNorm(config, stack)
+        if placement in ("pre", "sandwich"):
+            self.mlp_norm = RMSNorm(config, stack)
+        if placement in ("post", "sandwich"):
+            self.post_mlp_norm = RMSNorm(config, stack)
         self.mlp = MLP(config, rngs, stack)
 
+    def _norm(self, name: str, x):
+        norm = getattr(self, name, None)
+        return x if norm is None else norm(x)
+
     def __call__(self, x, cos, sin, mask, kv=None, index=None):
-        attn = self.attn(self.attn_norm(x), cos, sin, mask, kv, index)
+        attn = self.attn(self._norm("attn_norm", x), cos, sin, mask, kv, index)
         if kv is not None:
             attn, kv = attn
-        x = x + attn
-        x = x + self.mlp(self.mlp_norm(x))
+        x = x + self._norm("post_attn_norm", attn)
+        x = x + self._norm("post_mlp_norm", self.mlp(self._norm("mlp_norm", x)))
         return x if kv is None else (x, kv)
 
 
@@ -171,6 +91,7 @@ class DecoderLM(nnx.Module):
     def __call__(self, tokens, positions=None, segment_ids=None, cache=None):
         """Logits (B, T, V) float32; with a ``cache`` (see :func:`init_cache`) also the
         updated cache, the new tokens' keys and values written after the old ones."""
+        c = self.config
         x, cos, sin, segment_ids = self._embed(tokens, positions, segment_ids)
         if cache is None:
             x, _ = self._run_layers(x, cos, sin, segment_ids, segment_ids, 0, None)
@@ -188,7 +109,9 @@ class DecoderLM(nnx.Module):
                 "segments": key_segments,
                 "index": index + tokens.shape[1],
             }
-        logits = (self.final_norm(x) @ self.output_kernel()).astype(jnp.float32)
+        logits = softcap_logits(
+            (self.final_norm(x) @ self.output_kernel()).astype(jnp.float32), c.final_softcap
+        )
         return logits if cache is None else (logits, cache)
 
     def hidden(self, tokens, positions=None, segment_ids=None):
@@ -207,8 +130,17 @@ class DecoderLM(nnx.Module):
             segment_ids = jnp.ones_like(tokens)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        cos, sin = rope_tables(c, positions)
-        x = jnp.take(self.embed.embedding[...], tokens, axis=0).astype(jnp.dtype(c.dtype))
+        # One (cos, sin) pair per kind of layer: global, and Gemma 3's sliding layers
+        # with their own base (the scan picks one per layer).
+        tables = [rope_tables(c, positions)]
+        if c.local_rope_theta is not None:
+            tables.append(rope_tables(c, positions, local=True))
+        cos = jnp.stack([t[0] for t in tables])
+        sin = jnp.stack([t[1] for t in tables])
+        dtype = jnp.dtype(c.dtype)
+        x = jnp.take(self.embed.embedding[...], tokens, axis=0).astype(dtype)
+        if c.embed_scale:  # Gemma: times sqrt(D), rounded to the compute dtype first
+            x = x * jnp.asarray(c.hidden_size**0.5, dtype)
         return x, cos, sin, segment_ids
 
     def output_kernel(self, dtype=None) -> jax.Array:
@@ -222,14 +154,17 @@ class DecoderLM(nnx.Module):
         c = self.config
         graphdef, state = nnx.split(self.layers)
         windows = layer_windows(c)
+        # Which rope table each layer takes: 1 (local) for Gemma 3's sliding layers.
+        kinds = (windows < _NO_WINDOW).astype(jnp.int32) * (cos.shape[0] - 1)
 
         def layer(x, scanned):
-            layer_state, window, layer_kv = scanned
+            layer_state, window, kind, layer_kv = scanned
             mask = attention_mask(q_segments, window, k_segments, index)
             block = nnx.merge(graphdef, layer_state)
+            layer_cos, layer_sin = cos[kind], sin[kind]
             if layer_kv is None:
-                return block(x, cos, sin, mask), None
-            return block(x, cos, sin, mask, layer_kv, index)
+                return block(x, layer_cos, layer_sin, mask), None
+            return block(x, layer_cos, layer_sin, mask, layer_kv, index)
 
         # What the backward pass finds saved: with remat only each layer's input; without,
         # also the outputs of its weight matmuls (q, k, v, o, gate, up), and the
@@ -240,7 +175,12 @@ class DecoderLM(nnx.Module):
             layer = jax.checkpoint(layer, prevent_cse=False)
         else:
             layer = jax.checkpoint(layer, prevent_cse=False, policy=_SAVE_MATMUL_OUTPUTS)
-        return jax.lax.scan(layer, x, (state, windows, kv))
+        return jax.lax.scan(layer, x, (state, windows, kinds, kv))
+
+
+def softcap_logits(logits: jax.Array, cap: float | None) -> jax.Array:
+    """Gemma 2's final soft-capping ``cap · tanh(logits / cap)``; unchanged without a cap."""
+    return logits if cap is None else cap * jnp.tanh(logits / cap)
 
 
 def layer_windows(config: ModelConfig) -> jax.Array:

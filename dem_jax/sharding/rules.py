@@ -31,6 +31,8 @@ PARAM_RULES: dict[str, str | None] = {
     "embed": "fsdp",
     "heads": "tensor",
     "kv_heads": "tensor",
+    # Phi-3's fused q/k/v heads: a tensor split would not fall on the q|k|v bounds.
+    "qkv_heads": None,
     "head_dim": None,
     "mlp": "tensor",
     "norm": None,

@@ -48,11 +48,27 @@ class TensorMap:
         return "{i}" in self.hf_name
 
 
-def tensor_maps(config: ModelConfig) -> list[TensorMap]:
-    """The key map for a config, in the order tensors are exported."""
-    layer = "model.layers.{i}."
-    maps = [TensorMap(("embed", "embedding"), "model.embed_tokens.weight", False, 1)]
-    for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+# Each placement's layer norms: (our module, HF name). Llama's post_attention_layernorm
+# is the MLP's pre-norm; OLMo 2's and Gemma's is attention's post-norm.
+_LAYER_NORMS = {
+    "pre": (("attn_norm", "input_layernorm"), ("mlp_norm", "post_attention_layernorm")),
+    "post": (
+        ("post_attn_norm", "post_attention_layernorm"),
+        ("post_mlp_norm", "post_feedforward_layernorm"),
+    ),
+    "sandwich": (
+        ("attn_norm", "input_layernorm"),
+        ("post_attn_norm", "post_attention_layernorm"),
+        ("mlp_norm", "pre_feedforward_layernorm"),
+        ("post_mlp_norm", "post_feedforward_layernorm"),
+    ),
+}
+
+
+def _attention_maps(config: ModelConfig, layer: str) -> list[TensorMap]:
+    projections = ["qkv_proj"] if config.fused_qkv else ["q_proj", "k_proj", "v_proj"]
+    maps = []
+    for proj in [*projections, "o_proj"]:
         is_o = proj == "o_proj"
         # (our leaf, HF suffix, transpose, split) of the projection's kernel and bias
         parts = [("kernel", "weight", True, 2 if is_o else 1)]
@@ -62,17 +78,33 @@ def tensor_maps(config: ModelConfig) -> list[TensorMap]:
             TensorMap(("layers", "attn", proj, leaf), f"{layer}self_attn.{proj}.{hf}", t, split)
             for leaf, hf, t, split in parts
         ]
-    maps += [
+    if config.qk_norm is not None:
+        maps += [
+            TensorMap(("layers", "attn", n, "scale"), f"{layer}self_attn.{n}.weight", False, 1)
+            for n in ("q_norm", "k_norm")
+        ]
+    return maps
+
+
+def _mlp_maps(config: ModelConfig, layer: str) -> list[TensorMap]:
+    projections = ["gate_up_proj"] if config.fused_gate_up else ["gate_proj", "up_proj"]
+    return [
         TensorMap(("layers", "mlp", p, "kernel"), f"{layer}mlp.{p}.weight", True, 1)
-        for p in ("gate_proj", "up_proj", "down_proj")
+        for p in [*projections, "down_proj"]
     ]
+
+
+def tensor_maps(config: ModelConfig) -> list[TensorMap]:
+    """The key map for a config, in the order tensors are exported."""
+    layer = "model.layers.{i}."
+    maps = [TensorMap(("embed", "embedding"), "model.embed_tokens.weight", False, 1)]
+    maps += _attention_maps(config, layer)
+    maps += _mlp_maps(config, layer)
     maps += [
-        TensorMap(("layers", "attn_norm", "scale"), f"{layer}input_layernorm.weight", False, 1),
-        TensorMap(
-            ("layers", "mlp_norm", "scale"), f"{layer}post_attention_layernorm.weight", False, 1
-        ),
-        TensorMap(("final_norm", "scale"), "model.norm.weight", False, 1),
+        TensorMap(("layers", ours, "scale"), f"{layer}{hf}.weight", False, 1)
+        for ours, hf in _LAYER_NORMS[config.norm_placement]
     ]
+    maps.append(TensorMap(("final_norm", "scale"), "model.norm.weight", False, 1))
     if not config.tie_embeddings:
         maps.append(TensorMap(("lm_head", "kernel"), "lm_head.weight", True, 1))
     return maps
