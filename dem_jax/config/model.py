@@ -4,9 +4,9 @@
 runs: Llama 1/2/3, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3 (text), Phi-3, OLMo 2,
 and the mixture-of-experts Mixtral and Qwen3-MoE. Each family is the Llama
 decoder plus a few switches (where the norms sit, q/k norms, Gemma's (1 + w)
-norm and soft-capping, fused projections, experts). It is architecture-only: nothing here depends on where the weights
-came from. Hugging Face ``config.json`` files are mapped onto it in
-:mod:`dem_jax.io.hf.config`.
+norm and soft-capping, fused projections, experts). It is architecture-only:
+nothing here depends on where the weights came from. Hugging Face
+``config.json`` files are mapped onto it in :mod:`dem_jax.io.hf.config`.
 """
 
 from __future__ import annotations

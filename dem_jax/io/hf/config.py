@@ -284,14 +284,10 @@ def _fresh_hf_config(c: ModelConfig) -> dict[str, Any]:
         **_fresh_windows(c),
         **family_hf_fields(c),
     }
-    back = from_hf_config(hf, "model").replace(
-        dtype=c.dtype, remat=c.remat, attention=c.attention
-    )
+    back = from_hf_config(hf, "model").replace(dtype=c.dtype, remat=c.remat, attention=c.attention)
     if back != c:
         differs = [
-            f.name
-            for f in dataclasses.fields(c)
-            if getattr(back, f.name) != getattr(c, f.name)
+            f.name for f in dataclasses.fields(c) if getattr(back, f.name) != getattr(c, f.name)
         ]
         raise DemError(
             f"model: {', '.join(differs)} not expressible in a {c.architecture} config.json"

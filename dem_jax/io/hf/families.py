@@ -51,8 +51,10 @@ def hf_get(hf: dict[str, Any], arch: str, key: str, default: Any = None) -> Any:
 def _activation(hf: dict[str, Any], arch: str, where: str) -> str:
     # Gemma's MLP reads hidden_activation (its hidden_act is a legacy key).
     key = "hidden_activation" if arch.startswith("gemma") else "hidden_act"
-    act = hf.get(key) or hf.get("hidden_act") or (
-        "gelu_pytorch_tanh" if arch.startswith("gemma") else "silu"
+    act = (
+        hf.get(key)
+        or hf.get("hidden_act")
+        or ("gelu_pytorch_tanh" if arch.startswith("gemma") else "silu")
     )
     if act not in _ACTIVATIONS:
         raise DemError(
