@@ -142,6 +142,29 @@ CASES = {
         "Olmo2Config",
         dict(num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, eos_token_id=2),
     ),
+    # Mixtures of experts: 5 experts, 2 per token, so routing decides what each token gets.
+    "mixtral": (
+        "MixtralConfig",
+        dict(
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            num_local_experts=5,
+            num_experts_per_tok=2,
+            sliding_window=6,
+        ),
+    ),
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        dict(
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=12,
+            num_experts=5,
+            num_experts_per_tok=2,
+            moe_intermediate_size=24,
+            norm_topk_prob=True,
+        ),
+    ),
 }
 # The families each dense case stands for (tests/test_families.py runs one per family).
 FAMILY_CASES = {

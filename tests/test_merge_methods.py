@@ -596,6 +596,7 @@ def _jit_cases():
         "slerp": (mm.slerp, (d[0], d[1], jnp.float32(0.3))),
         "model_stock": (mm.model_stock, (b, d)),
         "parameter_selection": (mm.parameter_selection, (d, k)),
+        "top_k_mask": (lambda x, n: 1.0 * mm.top_k_mask(x, n), (abs(d), np.array([1, 2, 0]))),
     }
 
 

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 import yaml
+from hf_models import CASES, build_hf_model
 
 import dem_jax
 from dem_jax import cli
@@ -17,6 +18,7 @@ from dem_jax.config.loader import load_run_config
 from dem_jax.config.model import ModelConfig
 from dem_jax.config.run import MeshConfig, TrainConfig
 from dem_jax.errors import DemError
+from dem_jax.io.hf.config import from_hf_config
 from dem_jax.plan.architectures import KNOWN_ARCHITECTURES, known_architecture
 from dem_jax.plan.memory import activation_bytes, plan_memory, sharded_param_elements
 from dem_jax.plan.tpu import TPU_GENERATIONS, GiB, parse_slice
@@ -301,12 +303,34 @@ def test_plan_matches_real_sharded_optimizer_state(sharded_state):
         assert _bytes_on(state["opt_state"], device) - counters == plan.parts["optimizer"]
 
 
-@pytest.mark.parametrize(
-    "remat, rows, accum, vocab",
-    [(True, 2, 2, 1024), (False, 4, 1, 1024), (False, 4, 1, 32768)],
-    ids=["remat-accum", "no-remat", "chunked-loss"],  # 4 x 256 x 32768 logits: 4 chunks
+# Families whose layers hold more than Llama's: sandwich norms, soft-capped scores and
+# logits (Gemma 2), and a mixture of experts that runs every expert on every token.
+GEMMA2 = dict(
+    architecture="gemma2",
+    norm_placement="sandwich",
+    norm_kind="gemma",
+    hidden_act="gelu_tanh",
+    embed_scale=True,
+    attn_softcap=50.0,
+    final_softcap=30.0,
+    tie_embeddings=True,
 )
-def test_plan_against_xla_buffer_assignment(remat, rows, accum, vocab):
+MOE = dict(architecture="mixtral", num_experts=4, experts_per_token=2, moe_intermediate_size=96)
+
+
+@pytest.mark.parametrize(
+    "remat, rows, accum, vocab, family",
+    [
+        (True, 2, 2, 1024, {}),
+        (False, 4, 1, 1024, {}),
+        (False, 4, 1, 32768, {}),
+        (False, 4, 1, 1024, GEMMA2),
+        (False, 4, 1, 1024, MOE),
+    ],
+    # 4 x 256 x 32768 logits: 4 chunks
+    ids=["remat-accum", "no-remat", "chunked-loss", "gemma2", "mixtral"],
+)
+def test_plan_against_xla_buffer_assignment(remat, rows, accum, vocab, family):
     """Compile the real train step (abstract inputs, nothing allocated) and compare the
     plan with XLA's peak: arguments + outputs - donated aliases + temporaries. Float32
     compute, since XLA:CPU keeps bfloat16 intermediates in float32."""
@@ -321,6 +345,7 @@ def test_plan_against_xla_buffer_assignment(remat, rows, accum, vocab):
         num_layers=3,
         num_heads=4,
         num_kv_heads=2,
+        **family,
     )
     seq = 256
     train = TrainConfig(
@@ -361,3 +386,14 @@ def test_tpu_generations_are_consistent():
         s = parse_slice(f"{gen.name}-{per * 4}")
         assert s.chips == 4 and s.devices == 4 * gen.devices_per_chip
         assert s.hbm_per_device == gen.hbm_per_device
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_param_count_of_every_family_matches_transformers(case):
+    """The planner's parameter count (ModelConfig.num_params and the sharded leaves)
+    is the transformers model's, for every family and mixture of experts."""
+    hf = build_hf_model(case)
+    config = from_hf_config(hf.config.to_dict())
+    expected = sum(p.numel() for p in hf.parameters())  # a tied matrix counted once
+    mesh = {"data": 1, "fsdp": 1, "expert": 1, "tensor": 1}
+    assert config.num_params == sharded_param_elements(config, mesh)["total"] == expected

@@ -22,8 +22,12 @@ def spec_of(array):
 
 
 def test_mesh_construction():
-    assert dict(make_mesh(fsdp=2, tensor=4).shape) == {"data": 1, "fsdp": 2, "tensor": 4}
-    assert dict(make_mesh(data=2, tensor=2).shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+    shape = {"data": 1, "fsdp": 2, "expert": 1, "tensor": 4}
+    assert dict(make_mesh(fsdp=2, tensor=4).shape) == shape
+    shape = {"data": 2, "fsdp": 2, "expert": 1, "tensor": 2}
+    assert dict(make_mesh(data=2, tensor=2).shape) == shape
+    shape = {"data": 1, "fsdp": 2, "expert": 2, "tensor": 2}
+    assert dict(make_mesh(expert=2, tensor=2).shape) == shape
     with pytest.raises(DemError, match="do not fit"):
         make_mesh(data=-1, fsdp=3)
     assert make_mesh(data=1, fsdp=1, tensor=1).devices.size == 1

@@ -19,6 +19,7 @@ class MeshConfig:
 
     data: int = 1  # pure data parallelism
     fsdp: int = -1  # data parallelism with sharded params and optimizer state
+    expert: int = 1  # expert parallelism for mixture-of-experts models (batches split too)
     tensor: int = 1  # tensor parallelism over heads / MLP / vocab
     slice: str | None = None  # TPU accelerator type this mesh is laid out for, e.g. v4-32
 

@@ -50,6 +50,7 @@ _SOUPS = Paper(
     "increasing inference time",
     "https://arxiv.org/abs/2203.05482",
 )
+_RAM = Paper("arXiv:2601.13572", "Reinforced Agent Merging", "https://arxiv.org/abs/2601.13572")
 
 # Merge method (dem_jax.merge.methods' names) -> its paper.
 PAPERS: dict[str, Paper] = {
@@ -81,6 +82,29 @@ PAPERS: dict[str, Paper] = {
         "Model Stock: All we need is just a few fine-tuned models",
         "https://arxiv.org/abs/2403.19522",
     ),
+    "nuslerp": Paper("mergekit (Arcee AI)", "NuSLERP", "https://github.com/arcee-ai/mergekit"),
+    "multislerp": Paper(
+        "Goddard 2025",
+        "Multi-SLERP",
+        "https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
+    ),
+    "karcher": Paper("arXiv:2603.04972", "Karcher Mean", "https://arxiv.org/abs/2603.04972"),
+    "sce": Paper(
+        "Wan et al. 2024",
+        "FuseChat: Knowledge Fusion of Chat Models",
+        "https://arxiv.org/abs/2408.07990",
+    ),
+    "nearswap": Paper(
+        "alchemonaut 2024",
+        "NearSwap",
+        "https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
+    ),
+    "arcee_fusion": Paper("Arcee AI", "Arcee Fusion", "https://arcee.ai"),
+    "passthrough": Paper(
+        "mergekit (Arcee AI)", "Passthrough", "https://github.com/arcee-ai/mergekit"
+    ),
+    "ram": _RAM,
+    "ramplus_tl": _RAM,
     "parameter_selection": Paper(
         "Ju et al. 2024", "parameter-selection merging (each element from a random model)"
     ),

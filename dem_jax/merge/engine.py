@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -97,7 +98,8 @@ def merge_leaf(
         if dtype is not None and not vector:
             x = x.astype(dtype)  # mergekit rounds its inputs to `dtype` when loading
         x = x.astype(F32)
-        return x if layout.stacked else x[None]
+        # one row per HF tensor (per layer, and per expert of a mixture of experts)
+        return x.reshape(-1, *x.shape[layout.depth :]) if layout.stacked else x[None]
 
     b = None if base is None else prep(base, False)
     xs = [prep(x, v) for x, v in zip(inputs, is_vector, strict=True)]
@@ -120,7 +122,10 @@ def merge_leaf(
         else:
             pick = np.asarray([c == combo for c in per_layer]).reshape(-1, *[1] * (res.ndim - 1))
             out = jnp.where(pick, res, out)
-    return out if layout.stacked else out[0]
+    if not layout.stacked:
+        return out[0]
+    lead = (base if base is not None else inputs[0]).shape[: layout.depth]
+    return out.reshape(*lead, *out.shape[1:])
 
 
 @dataclass(frozen=True)
@@ -175,7 +180,9 @@ def merge_tree(
     labels = [f"models[{i}]" for i in range(n)]
     out: dict = {}
     for tmap in tensor_maps(config):
-        values = resolve_leaf(m, tmap, config.num_layers, chain, model_parameters, labels)
+        values = resolve_leaf(
+            m, tmap, config.num_layers, chain, model_parameters, labels, config.num_experts
+        )
         leaves = [get_leaf(p, tmap.path) for p in model_params]
         base = None if base_params is None else get_leaf(base_params, tmap.path)
         key = leaf_key(seed, tmap) if m.random else None
@@ -224,9 +231,12 @@ class MergePlan:
             raise DemError(f"merge_method {m.name} needs a base model")
         if len(inputs) < m.min_models or (m.max_models is not None and len(inputs) > m.max_models):
             want = m.min_models if m.max_models == m.min_models else f"at least {m.min_models}"
-            raise DemError(
-                f"merge_method {m.name} needs {want} model(s) besides the base, got {len(inputs)}"
+            if m.max_models is not None and len(inputs) > m.max_models:
+                want = m.max_models if m.max_models == m.min_models else f"at most {m.max_models}"
+            which = {"optional": " counting the base model", "ignored": ""}.get(
+                m.base, " besides the base"
             )
+            raise DemError(f"merge_method {m.name} needs {want} model(s){which}, got {len(inputs)}")
         self.chain = settings_chain(parameters)
         for settings in self.chain:
             check_parameters(m, settings, "parameters", per_model=False)
@@ -274,7 +284,13 @@ class MergePlan:
         # Every parameter of every leaf resolved up front: bad settings fail before any read.
         self.values = {
             tmap.path: resolve_leaf(
-                m, tmap, self.config.num_layers, self.chain, self.settings, self.labels
+                m,
+                tmap,
+                self.config.num_layers,
+                self.chain,
+                self.settings,
+                self.labels,
+                self.config.num_experts,
             )
             for tmap in tensor_maps(self.config)
         }
@@ -310,9 +326,10 @@ class MergePlan:
             noise = None
             if self.method.random:
                 shape = inputs[0].shape
-                layer_shape, n_layers = (shape[1:], shape[0]) if tmap.stacked else (shape, 1)
+                depth = tmap.depth
+                layer_shape, n_layers = shape[depth:], math.prod(shape[:depth])
                 draw = noise_shape(self.method, len(inputs), layer_shape, n_layers)
-                noise = draw_uniform(leaf_key(self.seed, tmap), draw, sharding, tmap.stacked)
+                noise = draw_uniform(leaf_key(self.seed, tmap), draw, sharding, depth)
             yield tmap, _run_job(base, inputs, noise, dynamic, job)
             del noise
             del base, inputs

@@ -37,7 +37,7 @@ class ParamSpec:
     """One parameter a merge method takes."""
 
     name: str
-    kind: type  # float or bool
+    kind: type  # float, int or bool
     per_model: bool  # True: one value per input model; False: one for the merge
     default: Any = REQUIRED
     low: float | None = None  # inclusive bounds for floats
@@ -56,6 +56,10 @@ class ParamSpec:
         value = float(value)
         if not math.isfinite(value):
             raise DemError(f"{where}: {self.name} must be finite, got {value!r}")
+        if self.kind is int:
+            if not value.is_integer():
+                raise DemError(f"{where}: {self.name} must be a whole number, got {value!r}")
+            value = int(value)
         if (self.low is not None and value < self.low) or (
             self.high is not None and value > self.high
         ):
@@ -75,7 +79,7 @@ class Leaf:
     an unstacked leaf; ``N`` = inputs besides the base)."""
 
     layout: Any  # dem_jax.merge.tensor_layout.Layout: how a layer maps onto its HF tensor
-    base: jax.Array | None  # (L, *s) float32
+    base: jax.Array | None  # (L, *s) float32; None when the method's base is not given
     inputs: jax.Array  # (L, N, *s) float32: models, or for delta methods vectors as given
     is_vector: tuple[bool, ...]  # which inputs are distribution vectors
     values: Any  # dem_jax.merge.params.LeafValues: every parameter per model and layer
@@ -88,8 +92,10 @@ class MergeMethod:
 
     name: str
     params: tuple[ParamSpec, ...] = ()
-    base: str = "required"  # "required"; "optional" (an input like the others); "ignored"
-    min_models: int = 1  # inputs besides the base
+    # "required"; "if_given" (the base when one is given, else none); "optional" (an
+    # input like the others); "ignored"
+    base: str = "required"
+    min_models: int = 1  # inputs besides the base ("optional": the base included)
     max_models: int | None = None
     random: bool = False  # draws uniforms from the merge seed
     in_mergekit: bool = True  # False for dem-jax additions
@@ -100,6 +106,12 @@ class MergeMethod:
     # Boolean parameters that change the kernel's program: a leaf whose layers set
     # them differently is merged once per setting.
     static_flags: tuple[str, ...] = ()
+
+    @property
+    def separate_base(self) -> bool:
+        """A given base model is the base, not one more input (and its per-model
+        parameters are unused)."""
+        return self.base in ("required", "if_given")
 
     def spec(self, name: str) -> ParamSpec | None:
         """The parameter called ``name``, or None."""

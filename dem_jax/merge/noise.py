@@ -58,16 +58,15 @@ def _uniform_fn(sharding):
     return jax.jit(jax.random.uniform, static_argnums=1, out_shardings=sharding)
 
 
-def draw_uniform(key, shape: tuple[int, ...], leaf_sharding, stacked: bool) -> jax.Array:
+def draw_uniform(key, shape: tuple[int, ...], leaf_sharding, depth: int) -> jax.Array:
     """``jax.random.uniform(key, shape)`` (``shape`` from :func:`noise_shape`), drawn
-    sharded like the leaf so each device draws only its slice; returned collapsed
+    sharded like the leaf (whose first ``depth`` axes, layers and experts, index HF
+    tensors) so each device draws only its slice; returned collapsed
     (:func:`draw_layout`)."""
     if not isinstance(leaf_sharding, NamedSharding):
         return _uniform_fn(leaf_sharding)(key, (math.prod(shape),))
-    spec = tuple(leaf_sharding.spec) + (None,) * (
-        len(shape) + stacked - 1 - len(leaf_sharding.spec)
-    )
-    spec = (*(spec[1:] if stacked else spec), None)  # layer axis dropped, K axis last
+    spec = tuple(leaf_sharding.spec) + (None,) * (len(shape) + depth - 1 - len(leaf_sharding.spec))
+    spec = (*spec[depth:], None)  # layer (and expert) axes dropped, K axis last
     flat_shape, flat_spec = draw_layout(shape, spec)
     sharding = NamedSharding(leaf_sharding.mesh, jax.sharding.PartitionSpec(*flat_spec))
     return _uniform_fn(sharding)(key, flat_shape)

@@ -19,12 +19,11 @@ from dem_jax.errors import DemError
 from dem_jax.io import storage
 from dem_jax.io.hf.checkpoint import DEFAULT_MAX_SHARD_BYTES, finish_hf_directory, hf_writer
 from dem_jax.io.hf.config import to_hf_config
-from dem_jax.io.hf.weights import hf_tensor_specs
+from dem_jax.io.hf.weights import hf_names, hf_tensor_specs, per_tensor
 from dem_jax.io.modeldir import Model
 from dem_jax.io.models import save_model
 from dem_jax.io.outputs import atomic_directory, check_writable
 from dem_jax.merge.engine import MergePlan
-from dem_jax.merge.tensor_layout import layer_names_and_ts
 
 
 def merge_to_directory(
@@ -105,8 +104,8 @@ def _write_hf(run: MergePlan, out, overwrite: bool, max_shard_bytes: int, metada
             for tmap, leaf in run.leaves():
                 host = _host(leaf)
                 del leaf
-                layers = host if tmap.stacked else host[None]
-                names = layer_names_and_ts(tmap, config.num_layers)[0]
+                layers = per_tensor(host, tmap)
+                names = hf_names(tmap, config)
                 for name, one in zip(names, layers, strict=True):
                     rows = math.prod(one.shape[: tmap.split])
                     mat = one.reshape(rows, -1) if tmap.split < one.ndim else one.reshape(rows)

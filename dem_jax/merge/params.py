@@ -82,7 +82,9 @@ def evaluate_setting(setting: Any, tensor_name: str, t: float, spec: ParamSpec) 
         i0 = int(scaled)
         i1 = min(len(values) - 1, i0 + 1)
         frac = scaled - i0
-        return (1 - frac) * values[i0] + frac * values[i1]
+        value = (1 - frac) * values[i0] + frac * values[i1]
+        # mergekit validates the interpolated value too: an int must land on a whole number
+        return spec.validate(value, tensor_name) if spec.kind is int else value
     for cond in setting:
         pattern = cond.get("filter")
         if pattern is None or pattern == "*" or (tensor_name and pattern in tensor_name):
@@ -205,9 +207,10 @@ def resolve_leaf(
     chain: Sequence[Settings | None],
     model_settings: Sequence[Settings | None],
     labels: Sequence[str],
+    num_experts: int = 0,
 ) -> LeafValues:
     """Every parameter of ``method`` for every model and layer of one leaf."""
-    names, ts = layer_names_and_ts(tmap, num_layers)
+    names, ts = layer_names_and_ts(tmap, num_layers, num_experts)
     per_model, shared = [], []
     for spec in method.params:
         if spec.per_model:

@@ -13,7 +13,7 @@ partial ``layer_range``s (layer stacking); ``residual_weight``; the ``tokenizer`
 section, ``tokenizer_source: union`` and ``chat_template``; LoRA (``model+lora``) and
 Hub references (model paths must be HF or dem-jax directories, relative to the YAML's
 folder). Stricter than mergekit: unknown keys and parameters the method does not take
-are errors (mergekit ignores them), ``density``/``gamma``/``t`` must lie in [0, 1].
+are errors (mergekit ignores them), ``density``/``gamma`` and slerp's ``t`` must lie in [0, 1].
 We always compute in float32 (mergekit computes in ``dtype``).
 
 **Data-aware methods (dem-jax extensions; mergekit has neither).** ``fisher`` and
@@ -168,7 +168,7 @@ def _request(cfg: MergeConfig, data: dict[str, Any], path: Path) -> MergeRequest
             raise DemError(f"{where}.model: {entry.model!r} is listed twice")
         settings = dict(entry.parameters or {})
         is_base = base is not None and p.resolve() == base.resolve()
-        if not (is_base and method.base == "required"):  # a base's own settings are unused
+        if not (is_base and method.separate_base):  # a base's own settings are unused
             check_parameters(method, settings, f"{where}.parameters", per_model=True)
         if method.data:
             check_scalar_settings(method, settings, f"{where}.parameters")
@@ -186,7 +186,7 @@ def _request(cfg: MergeConfig, data: dict[str, Any], path: Path) -> MergeRequest
         if method.data:
             check_scalar_settings(method, settings, where)
 
-    if base is not None and method.base == "required":
+    if base is not None and method.separate_base:
         # A listed base is the base, not an input (its per-model parameters are unused).
         keep = [i for i, p in enumerate(paths) if p.resolve() != base.resolve()]
         paths = [paths[i] for i in keep]

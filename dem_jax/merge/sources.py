@@ -4,6 +4,7 @@ directory reads that leaf's tensors), so streaming merges never hold whole input
 
 from __future__ import annotations
 
+import itertools
 import os
 from pathlib import Path
 
@@ -130,20 +131,27 @@ class HFSource(Source):
     def read(self, tmap, sharding):
         shape = tuple(get_leaf(param_shapes(self.config), tmap.path).shape)
         dtype = np.dtype(jnp.dtype(self.config.param_dtype))
-        cache: dict[int | None, np.ndarray] = {}  # each layer read once, whatever the sharding
+        cache: dict[tuple, np.ndarray] = {}  # each tensor read once, whatever the sharding
 
-        def layer(i, layer_shape):
-            if i not in cache:
-                t = self.ckpt.read(tmap.hf_name.format(i=i) if tmap.stacked else tmap.hf_name)
+        depth = tmap.depth
+
+        def layer(ij, layer_shape):
+            if ij not in cache:
+                name = tmap.hf_name.format(i=ij[0], j=ij[-1]) if depth else tmap.hf_name
+                t = self.ckpt.read(name)
                 t = t.T if tmap.transpose else t
-                cache[i] = np.asarray(t).reshape(layer_shape).astype(dtype, copy=False)
-            return cache[i]
+                cache[ij] = np.asarray(t).reshape(layer_shape).astype(dtype, copy=False)
+            return cache[ij]
 
         def callback(index):
-            if not tmap.stacked:
-                return layer(None, shape)[index]
-            rows = range(*index[0].indices(shape[0]))
-            return np.stack([layer(i, shape[1:])[index[1:]] for i in rows])
+            if not depth:
+                return layer((), shape)[index]
+            # one HF tensor per (layer[, expert]) in this device's block
+            lead = [range(*s.indices(n)) for s, n in zip(index[:depth], shape[:depth], strict=True)]
+            block = np.stack(
+                [layer(ij, shape[depth:])[index[depth:]] for ij in itertools.product(*lead)]
+            )
+            return block.reshape(*map(len, lead), *block.shape[1:])
 
         array = jax.make_array_from_callback(shape, sharding, callback)
         # Unmap the files: pages read through a live mapping count in this process's

@@ -88,6 +88,12 @@ def _largest(mag: jax.Array, k) -> jax.Array:
     return _top_keys(jax.lax.bitcast_convert_type(mag.astype(F32), jnp.int32), k)
 
 
+def top_k_mask(mag: jax.Array, k) -> jax.Array:
+    """Boolean mask of the ``k[i]`` largest entries of each non-negative ``mag[i]``
+    (``k`` is ``(N,)`` int, may be traced); ties are taken in flat-index order."""
+    return _largest(mag, k)
+
+
 def _smallest(mag: jax.Array, k) -> jax.Array:
     """Mask of the ``k[i]`` smallest entries of each ``mag[i]``, lower index first (the
     order of a stable ascending sort)."""

@@ -20,19 +20,29 @@ class Layout:
     stacked: bool  # leading layers axis: one HF tensor per layer
     split: int  # per-layer dims that flatten into the HF matrix's rows (ours)
     transpose: bool  # the HF tensor is that matrix transposed
+    depth: int = 1  # leading axes that index HF tensors: layers (, experts)
 
     @classmethod
     def of(cls, tmap: TensorMap) -> Layout:
         """The layout of one key-map entry."""
-        return cls(tmap.stacked, tmap.split, tmap.transpose)
+        return cls(tmap.stacked, tmap.split, tmap.transpose, tmap.depth)
 
 
-def layer_names_and_ts(tmap: TensorMap, num_layers: int) -> tuple[list[str], list[float]]:
-    """HF tensor name and gradient position ``t`` of each layer of a leaf (mergekit:
-    ``t = i / (L - 1)`` over the layers; embeddings, final norm and lm_head ``t = 0``)."""
+def layer_names_and_ts(
+    tmap: TensorMap, num_layers: int, num_experts: int = 0
+) -> tuple[list[str], list[float]]:
+    """HF tensor name and gradient position ``t`` of each layer (and, for a mixture
+    of experts' expert kernels, each expert of each layer, layer-major) of a leaf
+    (mergekit: ``t = i / (L - 1)`` over the layers, the same for every expert of a
+    layer; embeddings, final norm and lm_head ``t = 0``)."""
     if not tmap.stacked:
         return [tmap.hf_name], [0.0]
     ts = [i / (num_layers - 1) if num_layers > 1 else 1.0 for i in range(num_layers)]
+    if "{j}" in tmap.hf_name:
+        names = [
+            tmap.hf_name.format(i=i, j=j) for i in range(num_layers) for j in range(num_experts)
+        ]
+        return names, [t for t in ts for _ in range(num_experts)]
     return [tmap.hf_name.format(i=i) for i in range(num_layers)], ts
 
 

@@ -31,10 +31,11 @@ from flax import nnx
 
 from dem_jax.config.model import ModelConfig
 from dem_jax.model.layers import MLP, Attention, Dense, Embed, RMSNorm
+from dem_jax.model.moe import MoE
 from dem_jax.model.rope import rope_tables
 
 # Large enough to mean "no window" for any real sequence.
-_NO_WINDOW = 2**30
+NO_WINDOW = 2**30
 # Without remat, a layer keeps the outputs of its weight matmuls (dots with no batch
 # dimension: not the attention scores) for the backward pass; MaxText's "minimal".
 _SAVE_MATMUL_OUTPUTS = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
@@ -59,7 +60,7 @@ class Block(nnx.Module):
             self.mlp_norm = RMSNorm(config, stack)
         if placement in ("post", "sandwich"):
             self.post_mlp_norm = RMSNorm(config, stack)
-        self.mlp = MLP(config, rngs, stack)
+        self.mlp = MoE(config, rngs, stack) if config.num_experts else MLP(config, rngs, stack)
 
     def _norm(self, name: str, x):
         norm = getattr(self, name, None)
@@ -155,7 +156,7 @@ class DecoderLM(nnx.Module):
         graphdef, state = nnx.split(self.layers)
         windows = layer_windows(c)
         # Which rope table each layer takes: 1 (local) for Gemma 3's sliding layers.
-        kinds = (windows < _NO_WINDOW).astype(jnp.int32) * (cos.shape[0] - 1)
+        kinds = (windows < NO_WINDOW).astype(jnp.int32) * (cos.shape[0] - 1)
 
         def layer(x, scanned):
             layer_state, window, kind, layer_kv = scanned
@@ -186,12 +187,12 @@ def softcap_logits(logits: jax.Array, cap: float | None) -> jax.Array:
 def layer_windows(config: ModelConfig) -> jax.Array:
     """(L,) int32 attention window per layer; a huge value where attention is full."""
     windows = config.sliding_windows or (None,) * config.num_layers
-    return jnp.asarray([_NO_WINDOW if w is None else w for w in windows], jnp.int32)
+    return jnp.asarray([NO_WINDOW if w is None else w for w in windows], jnp.int32)
 
 
 def attention_mask(
     segment_ids: jax.Array,
-    window: jax.Array | int = _NO_WINDOW,
+    window: jax.Array | int = NO_WINDOW,
     key_segment_ids: jax.Array | None = None,
     offset: jax.Array | int = 0,
 ) -> jax.Array:

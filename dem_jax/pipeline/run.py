@@ -270,7 +270,7 @@ def run_pipeline(cfg: RunConfig, log=print) -> PipelineResult:
     storage.makedirs(layout.root)
     state = StageState(layout.root / "pipeline_state.json")
     names = sorted(cfg.data.distributions)
-    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, expert=cfg.mesh.expert)
     stages = StageLog(stage_names(cfg), log)
     costs: dict[str, dict[str, Any]] = {}
     t = cfg.train

@@ -21,10 +21,12 @@ v6e, a TensorCore on v2/v3) and follows the trainer in :mod:`dem_jax.train`:
   plus the embedding and output matrices, in ``train.compute_dtype``, each still
   split over ``tensor``.
 * **Activations** for one micro-batch of ``b = batch_size / grad_accum /
-  (data × fsdp)`` rows of ``T = data.seq_len`` tokens per device, ``c`` bytes
-  per compute-dtype element, ``H, K, F, V`` divided by ``tensor`` where it
-  divides them. The attention is materialised (see :mod:`dem_jax.model`), so
-  what one decoder layer keeps for its backward pass is::
+  (data × fsdp × expert)`` rows of ``T = data.seq_len`` tokens per device, ``c``
+  bytes per compute-dtype element, ``H, K, F, V`` divided by ``tensor`` where it
+  divides them; a mixture of experts' ``F`` is its local experts' widths added up
+  (every expert runs on every token) plus the router's logits. The attention is
+  materialised (see :mod:`dem_jax.model`), so what one decoder layer keeps for its
+  backward pass is::
 
       A_layer = b·T·(D·(4c + 8) + (H + 2K)·Dh·c + H·Dh·c + 5·F·c) + b·T·T·H·(5 + c)
 
@@ -84,16 +86,16 @@ def resolve_mesh(mesh: MeshConfig, devices: int) -> dict[str, int]:
     """Mesh axis sizes on ``devices`` devices, with one -1 taking the rest (as make_mesh)."""
     sizes = {a: getattr(mesh, a) for a in MESH_AXES}
     if list(sizes.values()).count(-1) > 1:
-        raise DemError("mesh: at most one of data/fsdp/tensor may be -1")
+        raise DemError("mesh: at most one of data/fsdp/expert/tensor may be -1")
     if any(s == 0 or s < -1 for s in sizes.values()):
         raise DemError(f"mesh: sizes must be positive or -1, got {sizes}")
     known = math.prod(s for s in sizes.values() if s != -1)
     if devices % known:
-        raise DemError(f"mesh: data×fsdp×tensor = {known} does not divide {devices} devices")
+        raise DemError(f"mesh: data×fsdp×expert×tensor = {known} does not divide {devices} devices")
     sizes = {a: devices // known if s == -1 else s for a, s in sizes.items()}
     if math.prod(sizes.values()) != devices:
         raise DemError(
-            f"mesh: data×fsdp×tensor = {math.prod(sizes.values())} but the slice has "
+            f"mesh: data×fsdp×expert×tensor = {math.prod(sizes.values())} but the slice has "
             f"{devices} devices"
         )
     return sizes
@@ -103,15 +105,17 @@ def sharded_param_elements(config: ModelConfig, mesh: dict[str, int]) -> dict[st
     """Parameter elements: in total, per device, and per device of one layer and of
     the embedding/output matrices once all-gathered over fsdp (tensor split kept)."""
 
+    mesh = {"expert": 1, **mesh}  # dense models' plans may leave the expert axis out
     full = AbstractMesh(tuple(mesh[a] for a in MESH_AXES), MESH_AXES)
-    tensor_only = AbstractMesh((1, 1, mesh["tensor"]), MESH_AXES)
+    # experts stay split when a layer is gathered over fsdp (as the tensor split does)
+    tensor_only = AbstractMesh((1, 1, mesh["expert"], mesh["tensor"]), MESH_AXES)
 
     def local(axes, shape, m) -> int:
         spec = logical_to_spec(axes, shape, m)
         return math.prod(n // (m.shape[s] if s else 1) for n, s in zip(shape, spec, strict=True))
 
     def is_axes(x) -> bool:
-        return isinstance(x, tuple) and all(isinstance(a, str) for a in x)
+        return isinstance(x, tuple) and all(isinstance(a, str | None) for a in x)
 
     axes = jax.tree.leaves(param_axes(config), is_leaf=is_axes)
     shapes = [tuple(s.shape) for s in jax.tree.leaves(param_shapes(config))]
@@ -126,7 +130,13 @@ def sharded_param_elements(config: ModelConfig, mesh: dict[str, int]) -> dict[st
 
 
 def activation_bytes(
-    config: ModelConfig, rows: int, seq_len: int, compute_dtype: str, tensor: int, remat: bool
+    config: ModelConfig,
+    rows: int,
+    seq_len: int,
+    compute_dtype: str,
+    tensor: int,
+    remat: bool,
+    expert: int = 1,
 ) -> dict[str, int]:
     """Activation bytes per device for ``rows`` rows of ``seq_len`` tokens (module docstring)."""
     b, t, c = rows, seq_len, DTYPE_BYTES[compute_dtype]
@@ -137,6 +147,10 @@ def activation_bytes(
     d, dh, layers = config.hidden_size, config.head_dim, config.num_layers
     h, k = split(config.num_heads), split(config.num_kv_heads)
     f, v = split(config.intermediate_size), split(config.vocab_size)
+    if config.num_experts:  # every local expert on every token (dem_jax.model.moe)
+        e = config.num_experts
+        local = e // expert if e % expert == 0 else e
+        f = local * split(config.expert_size) + e
     per_token = d * (4 * c + 8) + (h + 2 * k) * dh * c + h * dh * c + 5 * f * c
     layer = b * t * per_token + b * t * t * h * (4 + c + 1)
     # Past CHUNK_ELEMENTS logits the loss takes a chunk of positions at a time and
@@ -197,7 +211,7 @@ class MemoryPlan:
                 f"a larger train.grad_accum ({self.rows_per_device} rows per device "
                 "per micro-batch now)"
             )
-        if self.mesh["fsdp"] * self.mesh["tensor"] < self.slice.devices:
+        if self.mesh["fsdp"] * self.mesh["expert"] * self.mesh["tensor"] < self.slice.devices:
             out.append("mesh.fsdp=-1 (shard parameters and optimizer state over every device)")
         out.append("a larger slice")
         return out
@@ -297,11 +311,11 @@ def plan_memory(
     """The per-device memory plan of training ``model`` with ``train`` on ``tpu``."""
     sizes = resolve_mesh(MeshConfig(**mesh) if isinstance(mesh, dict) else mesh, tpu.devices)
     micro = train.batch_size // train.grad_accum
-    shards = sizes["data"] * sizes["fsdp"]
+    shards = sizes["data"] * sizes["fsdp"] * sizes["expert"]
     if micro % shards:
         raise DemError(
             f"{config_path}: a micro-batch of {micro} rows (train.batch_size / train.grad_accum)"
-            f" does not split over data×fsdp = {shards} devices"
+            f" does not split over data×fsdp×expert = {shards} devices"
         )
     rows = micro // shards
     # The model as the trainer runs it (dem_jax.train.loop): weights loaded in
@@ -320,7 +334,15 @@ def plan_memory(
     if train.grad_accum > 1:
         parts["grad_accum"] = n * p
     parts["gathered"] = (2 * elems["layer_gathered"] + elems["vocab_gathered"]) * c
-    acts = activation_bytes(model, rows, seq_len, train.compute_dtype, sizes["tensor"], train.remat)
+    acts = activation_bytes(
+        model,
+        rows,
+        seq_len,
+        train.compute_dtype,
+        sizes["tensor"],
+        train.remat,
+        sizes["expert"],
+    )
     parts["activations"] = acts["total"]
     return MemoryPlan(
         config_path=config_path,

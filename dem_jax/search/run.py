@@ -35,7 +35,7 @@ def build_scorer(run: RunConfig, mesh: Mesh | None = None, progress: Progress | 
         grid_bounds(run.search, names)  # bad grid keys fail before anything is loaded
     records = {name: validation_records(run, name) for name in names}
     if mesh is None:
-        mesh = make_mesh(run.mesh.data, run.mesh.fsdp, run.mesh.tensor)
+        mesh = make_mesh(run.mesh.data, run.mesh.fsdp, run.mesh.tensor, expert=run.mesh.expert)
     # The tokenizer is checked against the base's config before any weights are read.
     base_path = base_model_path(run)
     tokenizer = load_tokenizer(run.data.tokenizer or base_path)

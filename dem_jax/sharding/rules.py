@@ -2,9 +2,11 @@
 
 Every parameter carries logical axis names (see :mod:`dem_jax.model`); one
 table, :data:`PARAM_RULES`, maps each name onto a mesh axis. The mesh has
-three axes: ``data`` (pure data parallelism), ``fsdp`` (data parallelism
-with parameters and optimizer state sharded) and ``tensor`` (tensor
-parallelism over heads, MLP width and vocabulary).
+four axes: ``data`` (pure data parallelism), ``fsdp`` (data parallelism
+with parameters and optimizer state sharded), ``expert`` (a mixture of
+experts' experts split over devices, batches too, as MaxText's expert
+parallelism; size 1 for dense models) and ``tensor`` (tensor parallelism over
+heads, MLP width and vocabulary).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from dem_jax.config.model import ModelConfig
 from dem_jax.errors import DemError
 from dem_jax.model.transformer import param_axes, param_shapes
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
 # Logical axis -> mesh axis (None: replicated). Parameters shard the model
 # width over fsdp and the "wide" dimensions over tensor, as MaxText does.
@@ -36,35 +38,44 @@ PARAM_RULES: dict[str, str | None] = {
     "head_dim": None,
     "mlp": "tensor",
     "norm": None,
+    "experts": "expert",  # MoE: each device holds its experts (Mixtral, Qwen3-MoE)
+    "router": None,  # the router's expert logits: small, every device needs them all
 }
 
 # Batches are split over every data-parallel axis.
-BATCH_AXES = ("data", "fsdp")
+BATCH_AXES = ("data", "fsdp", "expert")
 
 
 def make_mesh(
-    data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence[jax.Device] | None = None
+    data: int = 1,
+    fsdp: int = -1,
+    tensor: int = 1,
+    devices: Sequence[jax.Device] | None = None,
+    expert: int = 1,
 ) -> Mesh:
-    """A ``(data, fsdp, tensor)`` mesh; one size may be -1 to take the remaining devices.
+    """A ``(data, fsdp, expert, tensor)`` mesh; one size may be -1 to take the remaining
+    devices.
 
     With every size given and fewer devices asked for than exist, the first
     devices are used (e.g. a one-device mesh for comparisons).
     """
     devices = list(devices if devices is not None else jax.devices())
-    sizes = [data, fsdp, tensor]
+    sizes = [data, fsdp, expert, tensor]
     if -1 not in sizes and 0 < math.prod(sizes) < len(devices):
         devices = devices[: math.prod(sizes)]
     if sizes.count(-1) > 1:
-        raise DemError("mesh: at most one of data/fsdp/tensor may be -1")
+        raise DemError("mesh: at most one of data/fsdp/expert/tensor may be -1")
     known = math.prod(s for s in sizes if s != -1)
     if any(s == 0 or s < -1 for s in sizes) or len(devices) % known:
         raise DemError(
-            f"mesh: sizes data={data} fsdp={fsdp} tensor={tensor} do not fit {len(devices)} devices"
+            f"mesh: sizes data={data} fsdp={fsdp} expert={expert} tensor={tensor} do not fit "
+            f"{len(devices)} devices"
         )
     sizes = [len(devices) // known if s == -1 else s for s in sizes]
     if math.prod(sizes) != len(devices):
         raise DemError(
-            f"mesh: data*fsdp*tensor = {math.prod(sizes)} but there are {len(devices)} devices"
+            f"mesh: data*fsdp*expert*tensor = {math.prod(sizes)} but there are "
+            f"{len(devices)} devices"
         )
     return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
 

@@ -167,7 +167,7 @@ def run_training(
             known = ", ".join(sorted(cfg.data.distributions))
             raise DemError(f"unknown distribution {n!r} (configured: {known})")
     mixing = len(names) > 1 or name == MIXTURE
-    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, expert=cfg.mesh.expert)
     tokenizer = load_tokenizer(cfg.data.tokenizer or cfg.model.path)
     vocab_size, model_where = base_vocab_size(cfg)
     check_tokenizer_fits(tokenizer, vocab_size, model_where)

@@ -61,6 +61,11 @@ def check_compatible(ref: ModelConfig, other: ModelConfig, ref_name: str, other_
             f"{other_name}: architecture {other.architecture!r} does not match "
             f"{ref_name} ({ref.architecture!r})"
         )
+    if ref.num_experts != other.num_experts:
+        raise DemError(
+            f"{other_name}: has {other.num_experts} experts per layer, {ref_name} has "
+            f"{ref.num_experts} (mixtures of experts merge expert by expert: the counts must match)"
+        )
     ref_maps = {tm.path: tm for tm in tensor_maps(ref)}
     other_maps = {tm.path: tm for tm in tensor_maps(other)}
     ref_shapes, other_shapes = param_shapes(ref), param_shapes(other)

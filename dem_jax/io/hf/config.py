@@ -30,6 +30,8 @@ ARCHITECTURES = {
     "Gemma3ForCausalLM": ("gemma3", "gemma3_text"),
     "Phi3ForCausalLM": ("phi3", "phi3"),
     "Olmo2ForCausalLM": ("olmo2", "olmo2"),
+    "MixtralForCausalLM": ("mixtral", "mixtral"),
+    "Qwen3MoeForCausalLM": ("qwen3_moe", "qwen3_moe"),
 }
 _BY_MODEL_TYPE = {model_type: cls for cls, (_, model_type) in ARCHITECTURES.items()}
 _HF_CLASS = {arch: cls for cls, (arch, _) in ARCHITECTURES.items()}
@@ -281,6 +283,11 @@ def _fresh_hf_config(c: ModelConfig) -> dict[str, Any]:
         "tie_word_embeddings": c.tie_embeddings,
         "rope_parameters": _fresh_rope(c),
         "dtype": c.param_dtype,
+        # No token ids but the tokenizer's (filled in on export): left out, the config
+        # class's defaults apply, and Phi-3's pad id 32000 lies outside a small vocab.
+        "bos_token_id": None,
+        "eos_token_id": None,
+        "pad_token_id": None,
         **_fresh_windows(c),
         **family_hf_fields(c),
     }

@@ -91,7 +91,37 @@ def family_fields(hf: dict[str, Any], arch: str, where: str) -> dict[str, Any]:
         )
     elif arch == "phi3":
         fields.update(fused_qkv=True, fused_gate_up=True)
+    if arch in ("mixtral", "qwen3_moe"):
+        fields.update(moe_fields(hf, arch, where))
     return fields
+
+
+def moe_fields(hf: dict[str, Any], arch: str, where: str) -> dict[str, Any]:
+    """The experts of Mixtral and Qwen3-MoE (every layer sparse; Qwen3-MoE's dense
+    ``mlp_only_layers`` would break the one scanned block, so they are refused)."""
+    experts = hf.get("num_local_experts", hf.get("num_experts"))
+    if not experts or not hf.get("num_experts_per_tok"):
+        raise DemError(f"{where}: a {arch} config needs num_local_experts and num_experts_per_tok")
+    fields: dict[str, Any] = {
+        "num_experts": int(experts),
+        "experts_per_token": int(hf["num_experts_per_tok"]),
+        "norm_topk_prob": True,  # Mixtral always renormalises the top k
+    }
+    if arch == "qwen3_moe":
+        if hf.get("mlp_only_layers") or hf.get("decoder_sparse_step", 1) != 1:
+            raise DemError(
+                f"{where}: dense layers among the experts (mlp_only_layers, "
+                "decoder_sparse_step > 1) are not supported"
+            )
+        fields["moe_intermediate_size"] = int(_require_key(hf, "moe_intermediate_size", where))
+        fields["norm_topk_prob"] = bool(hf.get("norm_topk_prob", False))
+    return fields
+
+
+def _require_key(hf: dict[str, Any], key: str, where: str) -> Any:
+    if key not in hf:
+        raise DemError(f"{where}: missing field {key!r}")
+    return hf[key]
 
 
 def layer_kinds(hf: dict[str, Any], arch: str, layers: int) -> list[str] | None:
@@ -137,11 +167,22 @@ def family_hf_fields(c: ModelConfig) -> dict[str, Any]:
     act_key = "hidden_activation" if c.architecture.startswith("gemma") else "hidden_act"
     out[act_key] = _HF_ACTIVATIONS[c.hidden_act]
     if c.architecture in ("gemma2", "gemma3"):
+        scalar = c.query_pre_attn_scalar or c.head_dim  # None scales by head_dim**-0.5
         out.update(
-            query_pre_attn_scalar=c.query_pre_attn_scalar,
+            # an int in transformers' Gemma configs: 5.x refuses 16.0 when loading
+            query_pre_attn_scalar=int(scalar) if float(scalar).is_integer() else scalar,
             attn_logit_softcapping=c.attn_softcap,
             final_logit_softcapping=c.final_softcap,
         )
     if c.architecture != "qwen2":  # Qwen2's q/k/v biases are always on
         out["attention_bias"] = c.qkv_bias
+    if c.num_experts:
+        out.update(num_local_experts=c.num_experts, num_experts_per_tok=c.experts_per_token)
+    if c.architecture == "qwen3_moe":
+        out.update(
+            moe_intermediate_size=c.expert_size,
+            norm_topk_prob=c.norm_topk_prob,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+        )
     return out

@@ -10,6 +10,7 @@ each layer), so a model larger than one device's memory loads onto a mesh.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -39,13 +40,19 @@ class TensorMap:
     """
 
     path: tuple[str, ...]  # key path in the params dict
-    hf_name: str  # contains "{i}" for per-layer tensors
+    hf_name: str  # contains "{i}" for per-layer tensors, and "{j}" per expert
     transpose: bool
     split: int
 
     @property
     def stacked(self) -> bool:
+        """Whether the leaf has a leading layers axis (one HF tensor per layer)."""
         return "{i}" in self.hf_name
+
+    @property
+    def depth(self) -> int:
+        """How many leading axes index HF tensors: layers, then experts (MoE)."""
+        return ("{i}" in self.hf_name) + ("{j}" in self.hf_name)
 
 
 # Each placement's layer norms: (our module, HF name). Llama's post_attention_layernorm
@@ -94,12 +101,40 @@ def _mlp_maps(config: ModelConfig, layer: str) -> list[TensorMap]:
     ]
 
 
+# Each MoE family's names: the router, then our expert kernel -> its HF name.
+_MOE_NAMES = {
+    "mixtral": (
+        "block_sparse_moe.gate",
+        {
+            "gate_proj": "block_sparse_moe.experts.{j}.w1",
+            "up_proj": "block_sparse_moe.experts.{j}.w3",
+            "down_proj": "block_sparse_moe.experts.{j}.w2",
+        },
+    ),
+    "qwen3_moe": (
+        "mlp.gate",
+        {p: f"mlp.experts.{{j}}.{p}" for p in ("gate_proj", "up_proj", "down_proj")},
+    ),
+}
+
+
+def _moe_maps(config: ModelConfig, layer: str) -> list[TensorMap]:
+    """The router (D, E) and each expert's kernels, one HF tensor per layer and expert."""
+    router, experts = _MOE_NAMES[config.architecture]
+    maps = [TensorMap(("layers", "mlp", "router"), f"{layer}{router}.weight", True, 1)]
+    maps += [
+        TensorMap(("layers", "mlp", ours), f"{layer}{hf}.weight", True, 1)
+        for ours, hf in experts.items()
+    ]
+    return maps
+
+
 def tensor_maps(config: ModelConfig) -> list[TensorMap]:
     """The key map for a config, in the order tensors are exported."""
     layer = "model.layers.{i}."
     maps = [TensorMap(("embed", "embedding"), "model.embed_tokens.weight", False, 1)]
     maps += _attention_maps(config, layer)
-    maps += _mlp_maps(config, layer)
+    maps += _moe_maps(config, layer) if config.num_experts else _mlp_maps(config, layer)
     maps += [
         TensorMap(("layers", ours, "scale"), f"{layer}{hf}.weight", False, 1)
         for ours, hf in _LAYER_NORMS[config.norm_placement]
@@ -132,13 +167,26 @@ def _hf_shape(tmap: TensorMap, our_shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def _layer_shape(tmap: TensorMap, shape: tuple[int, ...]) -> tuple[int, ...]:
-    return shape[1:] if tmap.stacked else shape
+    return shape[tmap.depth :]
 
 
-def _hf_names(tmap: TensorMap, config: ModelConfig) -> list[str]:
+def hf_names(tmap: TensorMap, config: ModelConfig) -> list[str]:
+    """The HF tensors behind one leaf, in the order of its flattened leading axes
+    (layer-major, then expert)."""
+    if "{j}" in tmap.hf_name:
+        return [
+            tmap.hf_name.format(i=i, j=j)
+            for i in range(config.num_layers)
+            for j in range(config.num_experts)
+        ]
     if tmap.stacked:
         return [tmap.hf_name.format(i=i) for i in range(config.num_layers)]
     return [tmap.hf_name]
+
+
+def per_tensor(leaf, tmap: TensorMap):
+    """A leaf viewed as (number of HF tensors, *one tensor's shape in our layout)."""
+    return leaf.reshape(-1, *leaf.shape[tmap.depth :]) if tmap.depth else leaf[None]
 
 
 def check_checkpoint(ckpt: SafetensorsCheckpoint, config: ModelConfig, where: str) -> None:
@@ -147,7 +195,7 @@ def check_checkpoint(ckpt: SafetensorsCheckpoint, config: ModelConfig, where: st
     expected: set[str] = set()
     for tmap in tensor_maps(config):
         hf_shape = _hf_shape(tmap, _layer_shape(tmap, _get(shapes, tmap.path).shape))
-        for name in _hf_names(tmap, config):
+        for name in hf_names(tmap, config):
             expected.add(name)
             if name not in ckpt:
                 raise DemError(f"{where}: missing tensor {name}")
@@ -205,16 +253,21 @@ def read_params(
         target = np.dtype(spec.dtype)
 
         def callback(index, tmap=tmap, shape=tuple(spec.shape), target=target):
-            if not tmap.stacked:
+            depth = tmap.depth
+            if not depth:
                 return _read_block(ckpt, tmap, tmap.hf_name, shape, index).astype(
                     target, copy=False
                 )
-            layers = range(*index[0].indices(shape[0]))
+            # one block per (layer[, expert]) this device holds
+            lead = [range(*s.indices(n)) for s, n in zip(index[:depth], shape[:depth], strict=True)]
             blocks = [
-                _read_block(ckpt, tmap, tmap.hf_name.format(i=i), shape[1:], index[1:])
-                for i in layers
+                _read_block(
+                    ckpt, tmap, tmap.hf_name.format(i=ij[0], j=ij[-1]), shape[depth:], index[depth:]
+                )
+                for ij in itertools.product(*lead)
             ]
-            return np.stack(blocks).astype(target, copy=False)
+            block = np.stack(blocks)
+            return block.reshape(*map(len, lead), *block.shape[1:]).astype(target, copy=False)
 
         array = jax.make_array_from_callback(
             tuple(spec.shape), _get(shardings, tmap.path), callback
@@ -229,7 +282,7 @@ def hf_tensor_specs(config: ModelConfig, dtype: np.dtype) -> list[TensorSpec]:
     specs = []
     for tmap in tensor_maps(config):
         hf_shape = _hf_shape(tmap, _layer_shape(tmap, _get(shapes, tmap.path).shape))
-        specs += [TensorSpec(n, hf_shape, np.dtype(dtype)) for n in _hf_names(tmap, config)]
+        specs += [TensorSpec(n, hf_shape, np.dtype(dtype)) for n in hf_names(tmap, config)]
     return specs
 
 
@@ -246,8 +299,8 @@ def iter_hf_tensors(
     """(name, array) of every HF tensor in export order; one parameter on the host at a time."""
     for tmap in tensor_maps(config):
         leaf = _to_host(_get(params, tmap.path)).astype(dtype, copy=False)
-        layers = leaf if tmap.stacked else leaf[None]
-        for name, layer in zip(_hf_names(tmap, config), layers, strict=True):
+        layers = per_tensor(leaf, tmap)
+        for name, layer in zip(hf_names(tmap, config), layers, strict=True):
             rows = math.prod(layer.shape[: tmap.split])
             matrix = layer.reshape(rows, -1) if tmap.split < layer.ndim else layer.reshape(rows)
             yield name, np.ascontiguousarray(matrix.T if tmap.transpose else matrix)

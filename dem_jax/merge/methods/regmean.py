@@ -54,7 +54,6 @@ from jax.sharding import Mesh, NamedSharding
 from dem_jax.errors import DemError
 from dem_jax.merge.method import DataMergeMethod, ParamSpec
 from dem_jax.model import transformer as model_lib
-from dem_jax.model.rope import rope_tables
 from dem_jax.sharding.placement import check_batch_size, place_batch, place_params
 from dem_jax.sharding.rules import tree_shardings
 
@@ -67,9 +66,11 @@ LINEAR_INPUTS: dict[tuple[str, ...], str] = {
     ("layers", "attn", "q_proj"): "attn_in",
     ("layers", "attn", "k_proj"): "attn_in",
     ("layers", "attn", "v_proj"): "attn_in",
+    ("layers", "attn", "qkv_proj"): "attn_in",  # Phi-3's fused q/k/v
     ("layers", "attn", "o_proj"): "attn_out",
     ("layers", "mlp", "gate_proj"): "mlp_in",
     ("layers", "mlp", "up_proj"): "mlp_in",
+    ("layers", "mlp", "gate_up_proj"): "mlp_in",  # Phi-3's fused gate/up
     ("layers", "mlp", "down_proj"): "mlp_hidden",
     ("lm_head",): "final",
 }
@@ -101,30 +102,34 @@ def _gram_batch(params, config, batch) -> dict[str, jax.Array]:
     SwiGLU), and the four Dense modules whose inputs are needed are wrapped in
     :class:`_Tap` for the call, so no attention or MLP math is re-implemented
     here. Only the outer loop (embedding, the layer scan with its per-layer
-    sliding window, the final norm) is spelled out, as in ``DecoderLM``.
+    sliding window, the final norm) is spelled out, as in ``DecoderLM``; the
+    embedding and the rope tables come from ``DecoderLM._embed`` itself.
     """
     c = config
     model = model_lib.bind(c, params)
     tokens, positions, segments = batch["tokens"], batch["positions"], batch["segment_ids"]
     weight = (segments > 0).astype(jnp.float32)  # padding (segment 0) is not data
-    cos, sin = rope_tables(c, positions)
-    x = jnp.take(model.embed.embedding[...], tokens, axis=0).astype(jnp.dtype(c.dtype))
+    x, cos, sin, _ = model._embed(tokens, positions, segments)
     graphdef, state = nnx.split(model.layers)
     windows = model_lib.layer_windows(c)
+    # which rope table each layer takes (Gemma 3's sliding layers have their own)
+    kinds = (windows < model_lib.NO_WINDOW).astype(jnp.int32) * (cos.shape[0] - 1)
 
     def layer(x, scanned):
-        layer_state, window = scanned
+        layer_state, window, kind = scanned
         block = nnx.merge(graphdef, layer_state)
         taps: dict[str, jax.Array] = {}
         # q/k/v share one input, gate/up another: one tap each is enough.
-        block.attn.q_proj = _Tap(block.attn.q_proj, taps, "attn_in")
+        qkv = "qkv_proj" if c.fused_qkv else "q_proj"
+        gate = "gate_up_proj" if c.fused_gate_up else "gate_proj"
+        setattr(block.attn, qkv, _Tap(getattr(block.attn, qkv), taps, "attn_in"))
         block.attn.o_proj = _Tap(block.attn.o_proj, taps, "attn_out")
-        block.mlp.gate_proj = _Tap(block.mlp.gate_proj, taps, "mlp_in")
+        setattr(block.mlp, gate, _Tap(getattr(block.mlp, gate), taps, "mlp_in"))
         block.mlp.down_proj = _Tap(block.mlp.down_proj, taps, "mlp_hidden")
-        x = block(x, cos, sin, model_lib.attention_mask(segments, window))
+        x = block(x, cos[kind], sin[kind], model_lib.attention_mask(segments, window))
         return x, {k: _gram(v, weight) for k, v in taps.items()}
 
-    x, grams = jax.lax.scan(layer, x, (state, windows))  # each (L, Din, Din)
+    x, grams = jax.lax.scan(layer, x, (state, windows, kinds))  # each (L, Din, Din)
     if not c.tie_embeddings:
         grams["final"] = _gram(model.final_norm(x), weight)
     grams["tokens"] = jnp.sum(weight)
@@ -182,7 +187,9 @@ def gram_matrices(
     come back sharded (:func:`gram_shardings`); the numbers are those of the
     single-device pass up to summation order.
     """
-
+    if config.num_experts:
+        # an expert's input Gram would count only the tokens routed to it
+        raise DemError("regmean: mixture-of-experts models are not supported (use fisher or ties)")
     fn = _gram_fn(config, mesh)
     params = place_params(params, config, mesh)
     total = None
