@@ -21,7 +21,8 @@ def register(sub) -> None:
         "--model-config",
         metavar="SRC",
         help="architecture: a Hugging Face config.json, a model directory, or a known "
-        "name (openllama-3b, openllama-7b, openllama-13b, llama-2-7b)",
+        "name (openllama-3b, openllama-7b, openllama-13b, llama-2-7b, mixtral-8x7b, gemma-2-9b, "
+        "qwen3-8b, phi-3-mini, qwen3-30b-a3b, olmo-2-7b)",
     )
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument(

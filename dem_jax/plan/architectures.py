@@ -23,6 +23,19 @@ from dem_jax.io.storage import read_json
 # (openlm-research/open_llama_{3b,7b,13b}, meta-llama/Llama-2-7b-hf), mapped
 # through dem_jax.io.hf.config like any config.json.
 _LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu"}
+
+
+def _shape(vocab: int, hidden: int, mlp: int, layers: int, heads: int, kv_heads: int) -> dict:
+    return {
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": mlp,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+    }
+
+
 KNOWN_ARCHITECTURES: dict[str, dict[str, Any]] = {
     "openllama-3b": {
         **_LLAMA,
@@ -69,6 +82,48 @@ KNOWN_ARCHITECTURES: dict[str, dict[str, Any]] = {
         "rms_norm_eps": 1e-5,
         "rope_theta": 10000.0,
         "torch_dtype": "float16",
+    },
+    # The other families' common sizes (mistralai/Mixtral-8x7B-v0.1, google/gemma-2-9b,
+    # Qwen/Qwen3-8B, microsoft/Phi-3-mini-4k-instruct, Qwen/Qwen3-30B-A3B,
+    # allenai/OLMo-2-1124-7B): the shape fields only; the rest are the family's defaults.
+    "mixtral-8x7b": {
+        "model_type": "mixtral",
+        **_shape(32000, 4096, 14336, 32, 32, 8),
+        "num_local_experts": 8,
+        "num_experts_per_tok": 2,
+        "torch_dtype": "bfloat16",
+    },
+    "gemma-2-9b": {
+        "model_type": "gemma2",
+        **_shape(256000, 3584, 14336, 42, 16, 8),
+        "head_dim": 256,
+        "torch_dtype": "bfloat16",
+    },
+    "qwen3-8b": {
+        "model_type": "qwen3",
+        **_shape(151936, 4096, 12288, 36, 32, 8),
+        "head_dim": 128,
+        "torch_dtype": "bfloat16",
+    },
+    "phi-3-mini": {
+        "model_type": "phi3",
+        **_shape(32064, 3072, 8192, 32, 32, 32),
+        "torch_dtype": "bfloat16",
+    },
+    "qwen3-30b-a3b": {
+        "model_type": "qwen3_moe",
+        **_shape(151936, 2048, 6144, 48, 32, 4),
+        "head_dim": 128,
+        "moe_intermediate_size": 768,
+        "num_experts": 128,
+        "num_experts_per_tok": 8,
+        "norm_topk_prob": True,
+        "torch_dtype": "bfloat16",
+    },
+    "olmo-2-7b": {
+        "model_type": "olmo2",
+        **_shape(100352, 4096, 11008, 32, 32, 32),
+        "torch_dtype": "float32",
     },
 }
 

@@ -267,8 +267,9 @@ class MemoryPlan:
         lines = [
             f"config   {self.config_path}",
             f"model    {self.model_source}: {self.num_params / 1e9:.2f}B params, "
-            f"{m.num_layers} layers, D={m.hidden_size} F={m.intermediate_size} "
-            f"H={m.num_heads} K={m.num_kv_heads} V={m.vocab_size}",
+            f"{m.num_layers} layers, D={m.hidden_size} F={m.expert_size} "
+            f"H={m.num_heads} K={m.num_kv_heads} V={m.vocab_size}"
+            + (f", {m.num_experts} experts (top {m.experts_per_token})" if m.num_experts else ""),
             f"slice    {s.accelerator_type}: {s.chips} chips, {s.devices} devices, "
             f"{s.hosts} host{'s' * (s.hosts > 1)}, {s.hbm_per_device / GiB:.0f} GiB HBM per device",
             "mesh     " + " ".join(f"{a}={n}" for a, n in self.mesh.items()),
