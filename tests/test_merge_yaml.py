@@ -160,7 +160,7 @@ BAD = [
     ),
     ({"modules": {}}, "modules (per-module merges) is not supported"),
     ({"tokenizer_source": "union"}, "tokenizer_source: 'union'"),
-    ({"chat_template": "chatml"}, "chat_template is not supported"),
+    ({"chat_template": "chat-ml"}, "chat_template: 'chat-ml' is neither 'auto'"),
     ({"out_dtype": "float64"}, "out_dtype: 'float64' is not one of"),
     ({"lora": 1}, "unknown key 'lora'"),
     ({"random_seed": -1}, "random_seed: expected a non-negative integer"),

@@ -34,6 +34,18 @@ def parse_size(text: str) -> int:
     return int(value)
 
 
+def parse_kmb(text: str, flag: str = "--out-shard-size") -> int:
+    """mergekit's size syntax ('5B', '500M', '20k', '1000': an integer with an optional
+    k/m/b suffix for thousands, millions, billions) -> bytes; 0 means no limit."""
+    m = re.fullmatch(r"\s*(\d+)([kmb]?)\s*", text, re.IGNORECASE)
+    if not m:
+        raise DemError(
+            f"{flag}: cannot parse {text!r} (mergekit's syntax: an integer with an optional "
+            "k, m or b suffix, e.g. 5B = 5 billion bytes; --max-shard-size takes 5GB, 500MiB)"
+        )
+    return int(m.group(1)) * 1000 ** " kmb".index(m.group(2).lower() or " ")
+
+
 def parse_mesh(text: str | None):
     """'fsdp=2,tensor=4' -> a Mesh over the devices of every process.
 

@@ -92,7 +92,7 @@ class MergeConfig:
     tokenizer: Any = field(
         default=None, metadata={"unsupported": "the tokenizer section (vocabulary surgery)"}
     )
-    chat_template: Any = field(default=None, metadata={"unsupported": "chat_template"})
+    chat_template: str | None = None  # "auto", a template mergekit ships, or a Jinja template
 
     def __post_init__(self):
         for name in ("dtype", "out_dtype"):

@@ -16,6 +16,10 @@ copy behave differently from the model it holds:
 * ``README.md``: a model card (:mod:`dem_jax.io.model_card`) saying what the model
   is and how it was made; ``mergekit_config.yml``: the MERGE.yaml of a merge.
 
+:func:`stage_assets` prepares the files a merge's output carries when MERGE.yaml or the
+command changes them (a new chat template, no tokenizer); :func:`read_chat_template`
+reads a tokenizer's template as transformers does.
+
 :func:`special_token_ids` reads the tokenizer's bos / eos / pad ids, which fill
 the gaps of ``config.json`` (:func:`dem_jax.io.hf.config.with_token_ids`).
 """
@@ -29,13 +33,15 @@ from typing import Any
 
 from dem_jax.errors import DemError
 from dem_jax.io import model_card, storage
-from dem_jax.io.modeldir import copy_assets
+from dem_jax.io.modeldir import asset_files, copy_assets
 from dem_jax.io.storage import read_json
 
 GENERATION_CONFIG = "generation_config.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 MODEL_CARD = "README.md"
 MERGE_CONFIG = "mergekit_config.yml"  # mergekit's name for the YAML it merged by
+CHAT_TEMPLATE = "chat_template.jinja"  # where transformers 5 saves a tokenizer's template
+PROCESSOR_CHAT_TEMPLATE = "chat_template.json"  # a processor's template (older layout)
 # transformers' VERY_LARGE_INTEGER is 1e30; no model's context comes near this.
 ABSURD_MAX_LENGTH = 10**12
 # config.json's id key -> tokenizer_config.json's token key
@@ -183,3 +189,56 @@ def write_model_card(directory, metadata: dict[str, Any], assets_dir, fmt: str) 
     merge_yaml = (metadata.get("merge") or {}).get("config_yaml")
     if isinstance(merge_yaml, str):
         (directory / MERGE_CONFIG).write_text(merge_yaml)
+
+
+def read_chat_template(directory: str | os.PathLike | None) -> str | None:
+    """The default chat template of the tokenizer in ``directory``, as transformers
+    loads it: ``chat_template.jinja``, else ``tokenizer_config.json``'s ``chat_template``
+    (a string, or a list of ``{name, template}`` of which ``default``); None if none."""
+    if directory is None:
+        return None
+    d = storage.path(directory)
+    if (d / CHAT_TEMPLATE).is_file():
+        return (d / CHAT_TEMPLATE).read_text(encoding="utf-8")
+    if not (d / TOKENIZER_CONFIG).is_file():
+        return None
+    template = read_json(d / TOKENIZER_CONFIG).get("chat_template")
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    return template if isinstance(template, str) and template else None
+
+
+def has_tokenizer(directory: str | os.PathLike | None) -> bool:
+    """Whether ``directory`` holds tokenizer files (``tokenizer*``)."""
+    return any(f.name.startswith("tokenizer") for f in asset_files(directory))
+
+
+def stage_assets(
+    src: str | os.PathLike | None,
+    dst: str | os.PathLike,
+    *,
+    tokenizer: bool = True,
+    chat_template: str | None = None,
+) -> None:
+    """Copy the asset files of ``src`` into the empty folder ``dst`` as a merge's output
+    should carry them: without the tokenizer's files unless ``tokenizer`` (the
+    generation config stays), and with ``chat_template`` as the tokenizer's only
+    template (in ``chat_template.jinja``, none left in ``tokenizer_config.json`` or
+    ``chat_template.json``), as transformers 5's ``save_pretrained`` writes a template
+    set on a tokenizer (mergekit 0.1.5's ``chat_template``)."""
+    dst = storage.path(dst)
+    for f in asset_files(src):
+        if f.name != GENERATION_CONFIG and not tokenizer:
+            continue
+        if chat_template is not None and f.name in (CHAT_TEMPLATE, PROCESSOR_CHAT_TEMPLATE):
+            continue
+        storage.copy_file(f, dst / f.name)
+    if not tokenizer or chat_template is None:
+        return
+    (dst / CHAT_TEMPLATE).write_text(chat_template, encoding="utf-8")
+    config_path = dst / TOKENIZER_CONFIG
+    if config_path.is_file():
+        cfg = read_json(config_path)
+        if cfg.pop("chat_template", None) is not None:
+            config_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")

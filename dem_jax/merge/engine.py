@@ -224,8 +224,10 @@ class MergePlan:
         out_dtype: str | None = None,
         streaming: bool = False,
         tokenizer_source=None,
+        allow_crimes: bool | None = None,
     ):
         self.method = m = engine_method(method)
+        self.allow_crimes = allow_crimes  # see vectors.vector.check_compatible
         inputs = [x if isinstance(x, MergeInput) else MergeInput(x) for x in models]
         if m.base == "required" and base is None:
             raise DemError(f"merge_method {m.name} needs a base model")
@@ -268,7 +270,7 @@ class MergePlan:
     def _check(self, mesh, dtype, out_dtype, seed, tokenizer_source):
         m, ref = self.method, self.base or self.models[0]
         for src in self.models:
-            check_compatible(ref.config, src.config, ref.label, src.label)
+            check_compatible(ref.config, src.config, ref.label, src.label, self.allow_crimes)
             if src.is_vector and self.base is None:
                 raise DemError(f"{src.label}: a vector input needs a base model")
         self.config = ref.config

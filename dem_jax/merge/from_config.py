@@ -4,13 +4,17 @@ directory, by the leaf-by-leaf engine or, for methods that read data, by
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from jax.sharding import Mesh
 
 from dem_jax.errors import DemError
 from dem_jax.io import storage
+from dem_jax.io.assets import has_tokenizer, stage_assets
 from dem_jax.io.hf.checkpoint import DEFAULT_MAX_SHARD_BYTES
 from dem_jax.io.outputs import check_disjoint
 from dem_jax.merge.engine import MergeInput
@@ -18,6 +22,7 @@ from dem_jax.merge.output import check_output, merge_to_directory
 from dem_jax.merge.registry import get_method
 from dem_jax.merge.request import MergeRequest, check_layer_ranges, load_merge_config
 from dem_jax.merge.with_data import merge_with_data
+from dem_jax.vectors.store import is_vector_dir
 
 
 def merge_from_config(
@@ -30,12 +35,16 @@ def merge_from_config(
     streaming: bool = True,
     seed: int | None = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    copy_tokenizer: bool = True,
+    allow_crimes: bool = False,
 ) -> Path:
     """Run a mergekit MERGE.yaml (see :mod:`dem_jax.merge.request`) into ``out``.
 
     Methods that read data (fisher, regmean) run in memory through
     :func:`dem_jax.merge.with_data.merge_with_data` (``streaming`` and ``seed`` do not
-    apply).
+    apply). mergekit's options: ``copy_tokenizer`` False leaves the tokenizer out
+    unless ``tokenizer_source`` names one (the generation config stays);
+    ``allow_crimes`` merges models of different architectures whose tensors all agree.
     """
     req = config if isinstance(config, MergeRequest) else load_merge_config(config)
     check_disjoint(out, req.input_paths(), "--out")
@@ -47,36 +56,76 @@ def merge_from_config(
     ]
     try:
         check_layer_ranges(req)
-        if get_method(req.method).data:
-            return merge_with_data(
-                req,
+        with output_assets(req, copy_tokenizer) as assets_dir:
+            if get_method(req.method).data:
+                return merge_with_data(
+                    req,
+                    out,
+                    format=format,
+                    overwrite=overwrite,
+                    mesh=mesh,
+                    max_shard_bytes=max_shard_bytes,
+                    config_yaml=merge_yaml_text(req),
+                    assets_dir=assets_dir,
+                    allow_crimes=allow_crimes,
+                )
+            return merge_to_directory(
                 out,
+                req.method,
+                req.base,
+                inputs,
                 format=format,
                 overwrite=overwrite,
-                mesh=mesh,
                 max_shard_bytes=max_shard_bytes,
+                streaming=streaming,
+                parameters=req.parameters,
+                seed=req.seed if seed is None else seed,
+                mesh=mesh,
+                dtype=req.dtype,
+                out_dtype=req.out_dtype,
+                tokenizer_source=assets_dir,
                 config_yaml=merge_yaml_text(req),
+                allow_crimes=allow_crimes,
             )
-        return merge_to_directory(
-            out,
-            req.method,
-            req.base,
-            inputs,
-            format=format,
-            overwrite=overwrite,
-            max_shard_bytes=max_shard_bytes,
-            streaming=streaming,
-            parameters=req.parameters,
-            seed=req.seed if seed is None else seed,
-            mesh=mesh,
-            dtype=req.dtype,
-            out_dtype=req.out_dtype,
-            tokenizer_source=req.tokenizer_source,
-            config_yaml=merge_yaml_text(req),
-        )
     except DemError as e:  # name the YAML file in every message about its contents
         where = str(req.source)
         raise DemError(str(e) if str(e).startswith(where) else f"{where}: {e}") from None
+
+
+def donor_dir(req: MergeRequest) -> Path | None:
+    """Whose tokenizer and generation files the output carries: ``tokenizer_source``,
+    else the base model, else the first model (vectors have none), as in mergekit."""
+    if req.tokenizer_source is not None:
+        return req.tokenizer_source
+    candidates = [p for p in [req.base, *req.models] if p is not None]
+    return next((p for p in candidates if not is_vector_dir(p)), None)
+
+
+@contextlib.contextmanager
+def output_assets(req: MergeRequest, copy_tokenizer: bool = True) -> Iterator[Path | None]:
+    """The folder whose asset files the output gets: ``req.tokenizer_source`` (None: the
+    engine's choice), or a temporary copy of the donor's files without the tokenizer
+    (``copy_tokenizer`` False, no ``tokenizer_source``) or with ``req.chat_template``.
+
+    mergekit writes a ``tokenizer_source``'s tokenizer even without copy_tokenizer, and
+    only warns when a chat template has no tokenizer to go in; that is an error here.
+    """
+    tokenizer = copy_tokenizer or req.tokenizer_source is not None
+    if tokenizer and req.chat_template is None:
+        yield req.tokenizer_source
+        return
+    donor = donor_dir(req)
+    if req.chat_template is not None:
+        if not tokenizer:
+            raise DemError(
+                "chat_template: --no-copy-tokenizer leaves the output without a tokenizer "
+                "to carry it (name a tokenizer_source, or drop one of the two)"
+            )
+        if not has_tokenizer(donor):
+            raise DemError(f"chat_template: {donor} has no tokenizer to carry it")
+    with tempfile.TemporaryDirectory(prefix="dem_jax_assets_") as tmp:
+        stage_assets(donor, tmp, tokenizer=tokenizer, chat_template=req.chat_template)
+        yield Path(tmp)
 
 
 def merge_yaml_text(req: MergeRequest) -> str | None:

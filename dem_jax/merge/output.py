@@ -23,7 +23,10 @@ from dem_jax.io.hf.weights import hf_names, hf_tensor_specs, per_tensor
 from dem_jax.io.modeldir import Model
 from dem_jax.io.models import save_model
 from dem_jax.io.outputs import atomic_directory, check_writable
+from dem_jax.io.progress_bar import progress_bar
+from dem_jax.io.tree import set_leaf
 from dem_jax.merge.engine import MergePlan
+from dem_jax.model.transformer import param_shapes
 
 
 def merge_to_directory(
@@ -55,7 +58,7 @@ def merge_to_directory(
             metadata["merge"]["config_yaml"] = config_yaml
         if streaming and format == "hf":
             return _write_hf(run, out, overwrite, max_shard_bytes, metadata)
-        model = run.to_model()
+        model = _collect(run, f"merging into {storage.path(out).name}")
         model.metadata = metadata
     finally:
         run.close()
@@ -89,6 +92,20 @@ def _host(leaf: jax.Array) -> np.ndarray:
     if not leaf.is_fully_addressable:
         return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
     return np.asarray(jax.device_get(leaf))
+
+
+def _collect(run: MergePlan, desc: str) -> Model:
+    """The merged model on its shardings, as ``run.to_model()``, with a progress bar over
+    the merged bytes (each leaf waited for, so the rate and ETA are the merge's)."""
+    config = run.output_config()
+    itemsize = jnp.dtype(config.param_dtype).itemsize
+    total = sum(math.prod(s.shape) * itemsize for s in jax.tree.leaves(param_shapes(config)))
+    params: dict = {}
+    with progress_bar(total, desc) as bar:
+        for tmap, leaf in run.leaves():
+            set_leaf(params, tmap.path, jax.block_until_ready(leaf))
+            bar.update(leaf.nbytes)
+    return Model(config, params, run.hf_config, run.assets_dir, run.metadata())
 
 
 def _write_hf(run: MergePlan, out, overwrite: bool, max_shard_bytes: int, metadata) -> Path:

@@ -6,11 +6,13 @@ output slice whose sources all span every layer (``layer_range: [0, num_layers]`
 ``base_model``; ``parameters`` at the top, per slice and per model (resolved by
 :mod:`dem_jax.merge.params`); ``dtype`` (inputs are rounded to it before merging);
 ``out_dtype``; ``tokenizer_source`` (``base`` or a model path; its tokenizer files
-are copied); ``random_seed`` (a dem-jax key that mergekit ignores).
+are copied); ``chat_template`` (``auto``, a template mergekit ships, or a Jinja
+template: :mod:`dem_jax.merge.chat_template`); ``random_seed`` (a dem-jax key that
+mergekit ignores).
 
 Refused with a DemError (mergekit has it, we do not): ``modules``; several slices or
 partial ``layer_range``s (layer stacking); ``residual_weight``; the ``tokenizer``
-section, ``tokenizer_source: union`` and ``chat_template``; LoRA (``model+lora``) and
+section and ``tokenizer_source: union``; LoRA (``model+lora``) and
 Hub references (model paths must be HF or dem-jax directories, relative to the YAML's
 folder). Stricter than mergekit: unknown keys and parameters the method does not take
 are errors (mergekit ignores them), ``density``/``gamma`` and slerp's ``t`` must lie in [0, 1].
@@ -40,6 +42,7 @@ from dem_jax.errors import DemError
 from dem_jax.io import storage
 from dem_jax.io.modeldir import HF_CONFIG, model_format
 from dem_jax.io.orbax import read_metadata
+from dem_jax.merge.chat_template import resolve_chat_template
 from dem_jax.merge.method import MergeMethod
 from dem_jax.merge.params import check_parameters, check_scalar_settings
 from dem_jax.merge.registry import DATA_METHODS, get_method
@@ -60,6 +63,7 @@ class MergeRequest:
     dtype: str | None = None
     out_dtype: str | None = None
     tokenizer_source: Path | None = None  # whose tokenizer files the output gets
+    chat_template: str | None = None  # the template the output's tokenizer gets (the text)
     seed: int = 0
     source: Path | None = None  # the YAML file
     # Per model: (start, end) from a slice source, None for `models:`; checked against
@@ -209,6 +213,8 @@ def _request(cfg: MergeConfig, data: dict[str, Any], path: Path) -> MergeRequest
         tok_path = base
     else:
         tok_path = None if tok is None else _model_path(tok, folder, "tokenizer_source")
+    # mergekit's "auto" polls every model the YAML names, the base included.
+    named = {p.resolve(): p for p in [*([base] if base is not None else []), *paths]}
     return MergeRequest(
         method=method.name,
         base=base,
@@ -218,6 +224,7 @@ def _request(cfg: MergeConfig, data: dict[str, Any], path: Path) -> MergeRequest
         dtype=cfg.dtype,
         out_dtype=cfg.out_dtype,
         tokenizer_source=tok_path,
+        chat_template=resolve_chat_template(cfg.chat_template, named.values()),
         seed=cfg.random_seed,
         source=path,
         layer_ranges=layer_ranges,

@@ -136,13 +136,15 @@ def _check_model_dirs(req: MergeRequest) -> None:
             )
 
 
-def _load_inputs(req: MergeRequest, mesh: Mesh | None) -> list:
+def _load_inputs(req: MergeRequest, mesh: Mesh | None, allow_crimes: bool | None) -> list:
     """Every input model, on the mesh; all of one architecture."""
     _check_model_dirs(req)
     models = []
     for path in req.models:
         models.append(load_model(path, mesh=mesh))
-        check_compatible(models[0].config, models[-1].config, str(req.models[0]), str(path))
+        check_compatible(
+            models[0].config, models[-1].config, str(req.models[0]), str(path), allow_crimes
+        )
     return models
 
 
@@ -155,6 +157,8 @@ def merge_with_data(
     mesh: Mesh | None = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     config_yaml: str | None = None,
+    assets_dir=None,
+    allow_crimes: bool | None = None,
 ) -> Path:
     """Run a parsed MERGE.yaml whose method reads data (fisher, regmean) into ``out``.
 
@@ -165,7 +169,9 @@ def merge_with_data(
     ``dtype`` when given, statistics in float32). The merge is cast to
     ``out_dtype`` (default ``dtype``, else the inputs' promoted dtype) and written
     complete-or-absent by :func:`dem_jax.merge.output.write_model`, with
-    ``config_yaml`` (the MERGE.yaml text) in its provenance and model card.
+    ``config_yaml`` (the MERGE.yaml text) in its provenance and model card, and the
+    asset files of ``assets_dir`` (default: the tokenizer's directory).
+    ``allow_crimes``: see :func:`dem_jax.vectors.vector.check_compatible`.
     """
     check_disjoint(out, req.input_paths(), "--out")
     check_output(out, format, overwrite)
@@ -187,7 +193,7 @@ def merge_with_data(
     for path, model_batches in zip(req.model_data, batches, strict=True):
         arrays = (b[k] for b in model_batches for k in ("tokens", "targets"))
         check_ids_fit(arrays, vocab_size, str(path))
-    models = _load_inputs(req, mesh)
+    models = _load_inputs(req, mesh, allow_crimes)
     config = models[0].config
 
     def as_input(x):  # mergekit rounds its inputs to `dtype` when loading
@@ -222,7 +228,7 @@ def merge_with_data(
         config.replace(param_dtype=out_dtype),
         jax.tree.map(lambda x: x.astype(out_dtype), merged),
         models[0].hf_config,
-        storage.path(tokenizer_dir),
+        storage.path(tokenizer_dir if assets_dir is None else assets_dir),
         metadata,
     )
     return write_model(

@@ -53,13 +53,26 @@ def describe(tmap: TensorMap) -> str:
     return f"{tmap.hf_name.replace('{i}', '*')} ({'.'.join(tmap.path)})"
 
 
-def check_compatible(ref: ModelConfig, other: ModelConfig, ref_name: str, other_name: str) -> None:
+def check_compatible(
+    ref: ModelConfig,
+    other: ModelConfig,
+    ref_name: str,
+    other_name: str,
+    allow_crimes: bool | None = None,
+) -> None:
     """DemError naming ``other_name`` and the parameter unless both configs have the same
-    architecture and every parameter the same shape (dtypes may differ)."""
-    if ref.architecture != other.architecture:
+    architecture and every parameter the same shape (dtypes may differ).
+
+    ``allow_crimes`` (mergekit's ``--allow-crimes``): True lets the architectures differ
+    where every parameter has the same shape and Hugging Face tensor; False refuses
+    and names the flag; None (callers without such a flag) refuses."""
+    if ref.architecture != other.architecture and not allow_crimes:
+        hint = (
+            " (--allow-crimes merges them if every tensor agrees)" if allow_crimes is False else ""
+        )
         raise DemError(
             f"{other_name}: architecture {other.architecture!r} does not match "
-            f"{ref_name} ({ref.architecture!r})"
+            f"{ref_name} ({ref.architecture!r}){hint}"
         )
     if ref.num_experts != other.num_experts:
         raise DemError(
@@ -78,6 +91,11 @@ def check_compatible(ref: ModelConfig, other: ModelConfig, ref_name: str, other_
             raise DemError(
                 f"{other_name}: parameter {describe(tmap)} has shape {list(b)}, "
                 f"{ref_name} has {list(a)}"
+            )
+        if other_maps[path] != tmap:  # same leaf, another HF tensor (architectures differ)
+            raise DemError(
+                f"{other_name}: parameter {describe(other_maps[path])} is stored as "
+                f"{describe(tmap)} in {ref_name}"
             )
     for path, tmap in other_maps.items():
         if path not in ref_maps:
