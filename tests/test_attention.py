@@ -133,10 +133,12 @@ def test_unknown_attention_kind_is_refused():
         tiny("flash3")
 
 
+@pytest.mark.parametrize("softcap", [None, 2.0], ids=["plain", "softcap"])
 @pytest.mark.parametrize("chunk", [1, 5, 7, 32])
-def test_chunked_cross_entropy_equals_whole_logits(chunk):
+def test_chunked_cross_entropy_equals_whole_logits(chunk, softcap):
     """Same sum, count and gradients (w.r.t. hidden states and the output kernel) as
-    the loss on whole logits, for chunks that do and do not divide T."""
+    the loss on whole logits, for chunks that do and do not divide T, and with Gemma 2's
+    final soft-capping (cap · tanh(logits / cap), differentiated by jax here)."""
     b, t, d, v = 2, 21, 16, 97
     keys = jax.random.split(jax.random.key(3), 3)
     hidden = jax.random.normal(keys[0], (b, t, d))
@@ -145,10 +147,11 @@ def test_chunked_cross_entropy_equals_whole_logits(chunk):
     mask = (jnp.arange(t)[None] < jnp.asarray([[t - 4], [t]])).astype(jnp.float32)
 
     def whole(h, w):
-        return masked_nll_sum(h @ w, targets, mask)
+        logits = h @ w if softcap is None else softcap * jnp.tanh((h @ w) / softcap)
+        return masked_nll_sum(logits, targets, mask)
 
     def chunked(h, w):
-        return chunked_nll_sum(h, w, targets, mask, chunk=chunk)
+        return chunked_nll_sum(h, w, targets, mask, chunk=chunk, softcap=softcap)
 
     (s1, c1), (s2, c2) = jax.jit(whole)(hidden, kernel), jax.jit(chunked)(hidden, kernel)
     np.testing.assert_allclose(s2, s1, rtol=1e-6)

@@ -130,7 +130,7 @@ def from_hf_config(
         num_kv_heads=int(hf.get("num_key_value_heads") or heads),
         head_dim=hf_get(hf, arch, "head_dim"),
         architecture=arch,
-        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        rms_norm_eps=float(hf_get(hf, arch, "rms_norm_eps", 1e-6)),
         max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
         tie_embeddings=bool(hf_get(hf, arch, "tie_word_embeddings", False)),
         sliding_windows=sliding_windows(hf, arch, layers),
@@ -157,6 +157,22 @@ def to_hf_config(config: ModelConfig, source: dict[str, Any] | None = None) -> d
             raise DemError("model config differs from its source config.json architecture")
         return with_4x_rope_keys(hf)
     return with_4x_rope_keys(_fresh_hf_config(config))
+
+
+def with_layers(hf: dict[str, Any], config: ModelConfig) -> dict[str, Any]:
+    """``hf`` (a source model's config.json) rewritten for ``config``, a model of the
+    same family with other layers (a layer-stacking merge): ``num_hidden_layers``, and
+    each layer's attention (``layer_types``, and the window keys when a layer slides)
+    for the families whose layers differ; a DemError when the family's config.json
+    cannot say which layers slide (one window size; Mistral's on every layer)."""
+    hf = dict(hf)
+    hf["num_hidden_layers"] = config.num_layers
+    windows = _fresh_windows(config)
+    if "layer_types" in windows:  # written even where a rule derived them before
+        hf["layer_types"] = windows.pop("layer_types")
+    if config.sliding_windows is not None:
+        hf.update(windows)
+    return hf
 
 
 def with_4x_rope_keys(hf: dict[str, Any]) -> dict[str, Any]:

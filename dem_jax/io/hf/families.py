@@ -18,6 +18,9 @@ from dem_jax.errors import DemError
 # transformers' config-class defaults for the keys below, where they differ by family.
 _DEFAULTS: dict[str, dict[str, Any]] = {
     "qwen3": {"head_dim": 128},
+    "phi3": {"rms_norm_eps": 1e-5},
+    "olmo2": {"rms_norm_eps": 1e-5},
+    "mixtral": {"rms_norm_eps": 1e-5},
     "gemma2": {
         "head_dim": 256,
         "tie_word_embeddings": True,
@@ -46,6 +49,12 @@ def hf_get(hf: dict[str, Any], arch: str, key: str, default: Any = None) -> Any:
     if key in hf:
         return hf[key]
     return _DEFAULTS.get(arch, {}).get(key, default)
+
+
+def _positive(value: Any, key: str, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise DemError(f"{where}: {key} must be a positive number, got {value!r}")
+    return float(value)
 
 
 def _activation(hf: dict[str, Any], arch: str, where: str) -> str:
@@ -84,7 +93,9 @@ def family_fields(hf: dict[str, Any], arch: str, where: str) -> dict[str, Any]:
             norm_kind="gemma",
             norm_placement="sandwich",
             embed_scale=True,
-            query_pre_attn_scalar=float(hf_get(hf, arch, "query_pre_attn_scalar")),
+            query_pre_attn_scalar=_positive(
+                hf_get(hf, arch, "query_pre_attn_scalar"), "query_pre_attn_scalar", where
+            ),
             attn_softcap=None if attn_cap is None else float(attn_cap),
             final_softcap=None if final_cap is None else float(final_cap),
             qk_norm="head" if arch == "gemma3" else None,
