@@ -57,6 +57,9 @@ from dem_jax.data.tokenize import load_tokenizer
 from dem_jax.io.hf.weights import iter_hf_tensors
 from dem_jax.io.modeldir import Model
 from dem_jax.io.run_layout import RunLayout
+from dem_jax.merge.from_config import merge_from_config
+from dem_jax.merge.method import REQUIRED
+from dem_jax.merge.registry import METHODS
 from dem_jax.model.generate import greedy_generate, left_pad
 from dem_jax.model.transformer import bind, init_cache, param_shapes
 from dem_jax.vectors.store import load_vector
@@ -698,3 +701,50 @@ def test_unsupported_architecture_is_one_line(model_type, cls, tmp_path, capsys)
     for family_type in ("llama", "qwen3", "gemma2", "gemma3_text", "phi3", "olmo2"):
         assert family_type in supported, line
     assert not (tmp_path / "dst").exists()
+
+
+# --- every merge method on the structural variants ------------------------------------
+
+VALUES = {"weight": 0.5, "t": 0.4, "density": 0.6}  # the required parameters' values
+
+
+@pytest.fixture(scope="module")
+def merge_families(tmp_path_factory):
+    """Mixtral (experts: two leading axes, one HF tensor per layer and expert): a base
+    and two fine-tunes. (Fused projections are ordinary tensors to a merge.)"""
+    root = tmp_path_factory.mktemp("every_method")
+    return {"mixtral": make_family(root / "mixtral", n=2, case="mixtral", scale=0.05)}
+
+
+@pytest.mark.parametrize("family", ["mixtral"])
+@pytest.mark.parametrize("method", [n for n, m in METHODS.items() if not m.data])
+def test_every_merge_method_runs_on_experts(family, method, merge_families, tmp_path):
+    """Each method's output has the base's tensors, finite, and moves off the base;
+    exactness per method is tested on Llama against mergekit (test_mergekit_parity*)."""
+    m = METHODS[method]
+    paths = merge_families[family]
+    n = min(m.max_models or 2, 2)
+    models = list(paths[1 : 1 + n])
+    per_model = {p.name: VALUES[p.name] for p in m.params if p.per_model and p.name in VALUES}
+    shared = {p.name: VALUES[p.name] for p in m.params if not p.per_model and p.name in VALUES}
+    missing = [p.name for p in m.params if p.default is REQUIRED and p.name not in VALUES]
+    assert not missing, f"give {method}'s {missing} a value in VALUES"
+    cfg = {
+        "merge_method": method,
+        "models": [{"model": str(p), "parameters": per_model} for p in models],
+        "parameters": shared,
+        "dtype": "float32",
+    }
+    if m.base not in ("ignored", "optional"):  # "optional": the base is one more input
+        cfg["base_model"] = str(paths[0])
+    (tmp_path / "merge.yaml").write_text(yaml.safe_dump(cfg))
+    merge_from_config(tmp_path / "merge.yaml", tmp_path / "out")
+    out = load_file(tmp_path / "out" / "model.safetensors")
+    base_tensors = load_file(paths[0] / "model.safetensors")
+    assert set(out) == set(base_tensors)
+    assert all(np.isfinite(t).all() for t in out.values())
+    assert any(
+        np.abs(out[k] - b).max() > 1e-4
+        for k, b in base_tensors.items()
+        if ".experts." in k or "qkv" in k
+    )
