@@ -13,7 +13,12 @@ from dem_jax.model.generate import answer_accuracy, greedy_generate, left_pad
 @pytest.mark.parametrize("case", ["llama_gqa", "mistral", "qwen2_tied_window"])
 def test_greedy_matches_transformers_generate(case, tmp_path):
     hf = save_hf_model(case, tmp_path, tokenizer=False)
-    model = dem_jax.load_model(tmp_path)
+    assert_greedy_matches_generate(dem_jax.load_model(tmp_path), hf)
+
+
+def assert_greedy_matches_generate(model, hf) -> None:
+    """dem-jax's KV-cache greedy decoding of three left-padded prompts equals
+    transformers' ``generate`` token for token."""
     prompts = [[5, 17, 33, 8, 2, 9], [44, 3], [7, 7, 19, 60]]
     tokens, mask = left_pad(prompts, pad_id=0)
     ours = np.asarray(greedy_generate(model.params, model.config, tokens, mask, 8, -1))

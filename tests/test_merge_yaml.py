@@ -182,18 +182,12 @@ def test_bad_config_exits_2_with_one_line(capsys, family, tmp_path, change, need
     assert not (tmp_path / "out").exists()
 
 
-def test_bad_slices_and_models(capsys, family, tmp_path):
+def test_bad_models(capsys, family, tmp_path):
+    # bad slices (layer ranges, lengths, bases): tests/test_merge_slices.py
     folder = family[0].parent
-    partial = {k: v for k, v in ties_config(family).items() if k != "models"}
-    partial["slices"] = [
-        {"sources": [{"model": "ft1", "layer_range": [0, 2], "parameters": {"weight": 1.0}}]}
-    ]
-    two = dict(partial, slices=partial["slices"] * 2)
     wide = make_family(tmp_path / "w", n=0, hidden_size=48)[0]
     qwen = make_family(tmp_path / "q", n=0, case="qwen2_bias")[0]
     cases = [
-        (partial, "layer_range [0, 2]"),
-        (two, "only one output slice"),
         (
             ties_config(family, models=[{"model": str(wide), "parameters": {"weight": 1}}]),
             "parameter model.embed_tokens.weight (embed.embedding) has shape [101, 48]",

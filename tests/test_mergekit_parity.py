@@ -29,8 +29,9 @@ def family(tmp_path_factory):
     return make_family(tmp_path_factory.mktemp("pfamily"), n=3)
 
 
-def run_both(family, tmp_path, cfg):
-    """Run ``cfg`` through mergekit and dem-jax; their tensors, by name."""
+def run_both(family, tmp_path, cfg, theirs_as=None):
+    """Run ``cfg`` through mergekit and dem-jax; their tensors, by name (mergekit's
+    passed through ``theirs_as`` first, when given)."""
     from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
@@ -44,6 +45,7 @@ def run_both(family, tmp_path, cfg):
     )
     merge_from_config(tmp_path / "merge.yaml", tmp_path / "ours")
     theirs = load_file(tmp_path / "mk" / "model.safetensors")
+    theirs = theirs if theirs_as is None else theirs_as(theirs)
     ours = load_file(tmp_path / "ours" / "model.safetensors")
     assert sorted(ours) == sorted(theirs)
     return ours, theirs

@@ -14,12 +14,13 @@ import yaml
 from hf_models import random_tokens, save_hf_model, torch_logits
 from safetensors.numpy import load_file
 from test_cli import assert_bad_input
+from test_generate import assert_greedy_matches_generate
 from test_hf_roundtrip import raw_tensors
 from test_merge import make_family
+from test_mergekit_parity import run_both
 
 import dem_jax
 from dem_jax.merge.from_config import merge_from_config
-from dem_jax.model.generate import greedy_generate, left_pad
 from dem_jax.model.moe import route
 from dem_jax.sharding.rules import make_mesh
 
@@ -84,20 +85,7 @@ def test_padded_batch_and_greedy_match_transformers(case, tmp_path):
     ours = np.asarray(dem_jax.forward(model, tokens, attention_mask=mask, positions=positions))
     ref = torch_logits(hf, tokens, attention_mask=mask, position_ids=positions)
     np.testing.assert_allclose(ours[mask == 1], ref[mask == 1], atol=TOL, rtol=0)
-
-    prompts = [[5, 17, 33, 8, 2, 9], [44, 3], [7, 7, 19, 60]]
-    tokens, mask = left_pad(prompts, pad_id=0)
-    ours = np.asarray(greedy_generate(model.params, model.config, tokens, mask, 8, -1))
-    ref = hf.generate(
-        input_ids=torch.tensor(tokens, dtype=torch.long),
-        attention_mask=torch.tensor(mask, dtype=torch.long),
-        max_new_tokens=8,
-        min_new_tokens=8,
-        do_sample=False,
-        pad_token_id=0,
-        eos_token_id=None,
-    )[:, tokens.shape[1] :].numpy()
-    np.testing.assert_array_equal(ours, ref)
+    assert_greedy_matches_generate(model, hf)
 
 
 def test_experts_sharded_over_the_expert_axis(tmp_path):
@@ -138,23 +126,6 @@ def _as_experts(tensors: dict, f: int) -> dict:
     return out
 
 
-def _merge_both(family, tmp_path, cfg):
-    from mergekit.config import MergeConfiguration
-    from mergekit.merge import run_merge
-    from mergekit.options import MergeOptions
-
-    cfg = {"base_model": str(family[0]), "dtype": "float32", **cfg}
-    (tmp_path / "merge.yaml").write_text(yaml.safe_dump(cfg))
-    run_merge(
-        MergeConfiguration.model_validate(cfg),
-        str(tmp_path / "mk"),
-        MergeOptions(quiet=True, random_seed=0, copy_tokenizer=False),
-    )
-    merge_from_config(tmp_path / "merge.yaml", tmp_path / "ours")
-    theirs = _as_experts(load_file(tmp_path / "mk" / "model.safetensors"), 56)
-    return load_file(tmp_path / "ours" / "model.safetensors"), theirs
-
-
 @pytest.mark.parametrize(
     "cfg",
     [
@@ -171,8 +142,8 @@ def test_merges_equal_mergekit(mixtral_family, cfg, tmp_path):
         {"model": str(p), "parameters": {"weight": w}}
         for p, w in zip(mixtral_family[1:], weights, strict=True)
     ]
-    ours, theirs = _merge_both(mixtral_family, tmp_path, {**cfg, "models": models})
-    assert sorted(ours) == sorted(theirs)
+    cfg = {**cfg, "models": models, "dtype": "float32"}
+    ours, theirs = run_both(mixtral_family, tmp_path, cfg, lambda t: _as_experts(t, 56))
     assert "model.layers.2.block_sparse_moe.experts.4.w2.weight" in ours
     for name in ours:
         np.testing.assert_allclose(ours[name], theirs[name], atol=1e-6, rtol=0, err_msg=name)

@@ -51,17 +51,20 @@ class ModelEntry:
 class SliceSource(ModelEntry):
     """One source of an output slice: a model and the layers taken from it."""
 
-    layer_range: list[int] | None = None  # [start, end)
+    layer_range: list[int] | None = None  # [start, end): layers start .. end - 1
 
     def __post_init__(self):
         lr = self.layer_range
-        if lr is None or len(lr) != 2:
-            raise DemError(f"layer_range: expected [start, end], got {lr!r}")
+        if lr is None or len(lr) != 2 or not 0 <= lr[0] < lr[1]:
+            raise DemError(
+                f"layer_range: expected [start, end] with 0 <= start < end (layers start "
+                f"to end - 1), got {lr!r}"
+            )
 
 
 @dataclass
 class OutputSlice:
-    """One entry of ``slices:``."""
+    """One entry of ``slices:``: output layers merged from its sources' layer ranges."""
 
     sources: list[SliceSource] | None = None
     base_model: Any = None

@@ -154,6 +154,47 @@ def _run_job(base, inputs, noise, dynamic, job: _Job):
     return out
 
 
+def run_leaf(
+    method: MergeMethod,
+    tmap: TensorMap,
+    base,
+    inputs: Sequence,
+    is_vector: Sequence[bool],
+    values: LeafValues,
+    *,
+    dtype: str | None,
+    out_dtype: str,
+    sharding,
+    key=None,
+) -> jax.Array:
+    """One leaf merged by the jitted executor: the static settings are the compile key,
+    the continuous ones (weights, t, lambda) arguments, so other values reuse the
+    program; a random method's uniforms are drawn from ``key``, sharded like the leaf."""
+    static, dynamic = values.split()
+    job = _Job(method.name, Layout.of(tmap), tuple(is_vector), static, dtype, out_dtype, sharding)
+    noise = None
+    if method.random:
+        shape, depth = inputs[0].shape, tmap.depth
+        draw = noise_shape(method, len(inputs), shape[depth:], math.prod(shape[:depth]))
+        noise = draw_uniform(key, draw, sharding, depth)
+    return _run_job(base, inputs, noise, dynamic, job)
+
+
+def check_input_count(m: MergeMethod, n: int, has_base: bool, where: str = "") -> None:
+    """DemError unless ``m`` takes ``n`` inputs (besides the base) and a base is given
+    where it needs one; ``where`` (e.g. ``slices[1]: ``) starts the message."""
+    if m.base == "required" and not has_base:
+        raise DemError(f"{where}merge_method {m.name} needs a base model")
+    if n < m.min_models or (m.max_models is not None and n > m.max_models):
+        want = m.min_models if m.max_models == m.min_models else f"at least {m.min_models}"
+        if m.max_models is not None and n > m.max_models:
+            want = m.max_models if m.max_models == m.min_models else f"at most {m.max_models}"
+        which = {"optional": " counting the base model", "ignored": ""}.get(
+            m.base, " besides the base"
+        )
+        raise DemError(f"{where}merge_method {m.name} needs {want} model(s){which}, got {n}")
+
+
 def merge_tree(
     method: str,
     config: ModelConfig,
@@ -229,16 +270,7 @@ class MergePlan:
         self.method = m = engine_method(method)
         self.allow_crimes = allow_crimes  # see vectors.vector.check_compatible
         inputs = [x if isinstance(x, MergeInput) else MergeInput(x) for x in models]
-        if m.base == "required" and base is None:
-            raise DemError(f"merge_method {m.name} needs a base model")
-        if len(inputs) < m.min_models or (m.max_models is not None and len(inputs) > m.max_models):
-            want = m.min_models if m.max_models == m.min_models else f"at least {m.min_models}"
-            if m.max_models is not None and len(inputs) > m.max_models:
-                want = m.max_models if m.max_models == m.min_models else f"at most {m.max_models}"
-            which = {"optional": " counting the base model", "ignored": ""}.get(
-                m.base, " besides the base"
-            )
-            raise DemError(f"merge_method {m.name} needs {want} model(s){which}, got {len(inputs)}")
+        check_input_count(m, len(inputs), base is not None)
         self.chain = settings_chain(parameters)
         for settings in self.chain:
             check_parameters(m, settings, "parameters", per_model=False)
@@ -275,14 +307,7 @@ class MergePlan:
                 raise DemError(f"{src.label}: a vector input needs a base model")
         self.config = ref.config
         self.is_vector = tuple(s.is_vector for s in self.models)
-        self.dtype = dtype
-        stored = [s.config.param_dtype for s in [self.base, *self.models] if s and not s.is_vector]
-        promoted = functools.reduce(jnp.promote_types, [jnp.dtype(d) for d in stored])
-        self.out_dtype = out_dtype or dtype or str(jnp.dtype(promoted))
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise DemError(f"seed: expected a non-negative integer, got {seed!r}")
-        self.seed = seed
-        self.shardings = param_shardings(self.config, mesh)
+        self._settle(mesh, dtype, out_dtype, seed, tokenizer_source, [self.base, *self.models])
         # Every parameter of every leaf resolved up front: bad settings fail before any read.
         self.values = {
             tmap.path: resolve_leaf(
@@ -296,14 +321,27 @@ class MergePlan:
             )
             for tmap in tensor_maps(self.config)
         }
+
+    def _settle(self, mesh, dtype, out_dtype, seed, tokenizer_source, sources) -> None:
+        """Dtypes, seed, shardings (of ``self.config``), and the output's assets and HF
+        config: the first of ``sources`` (in order of preference) that has them."""
+        self.dtype = dtype
+        models = [s for s in sources if s is not None and not s.is_vector]
+        promoted = functools.reduce(
+            jnp.promote_types, [jnp.dtype(s.config.param_dtype) for s in models]
+        )
+        self.out_dtype = out_dtype or dtype or str(jnp.dtype(promoted))
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise DemError(f"seed: expected a non-negative integer, got {seed!r}")
+        self.seed = seed
+        self.shardings = param_shardings(self.config, mesh)
         tok = tokenizer_source
-        model_srcs = [s for s in [self.base, *self.models] if s is not None and not s.is_vector]
         self.assets_dir = (
             storage.path(tok)
             if tok is not None
-            else next((s.assets_dir for s in model_srcs if s.assets_dir is not None), None)
+            else next((s.assets_dir for s in models if s.assets_dir is not None), None)
         )
-        self.hf_config = next((s.hf_config for s in model_srcs if s.hf_config is not None), None)
+        self.hf_config = next((s.hf_config for s in models if s.hf_config is not None), None)
 
     def output_config(self) -> ModelConfig:
         """The merged model's config (the reference model's, in the output dtype)."""
@@ -315,25 +353,22 @@ class MergePlan:
             sharding = get_leaf(self.shardings, tmap.path)
             base = None if self.base is None else self.base.read(tmap, sharding)
             inputs = [s.read(tmap, sharding) for s in self.models]
-            static, dynamic = self.values[tmap.path].split()
-            job = _Job(
-                self.method.name,
-                Layout.of(tmap),
-                self.is_vector,
-                static,
-                self.dtype,
-                self.out_dtype,
-                sharding,
+            key = leaf_key(self.seed, tmap) if self.method.random else None
+            yield (
+                tmap,
+                run_leaf(
+                    self.method,
+                    tmap,
+                    base,
+                    inputs,
+                    self.is_vector,
+                    self.values[tmap.path],
+                    dtype=self.dtype,
+                    out_dtype=self.out_dtype,
+                    sharding=sharding,
+                    key=key,
+                ),
             )
-            noise = None
-            if self.method.random:
-                shape = inputs[0].shape
-                depth = tmap.depth
-                layer_shape, n_layers = shape[depth:], math.prod(shape[:depth])
-                draw = noise_shape(self.method, len(inputs), layer_shape, n_layers)
-                noise = draw_uniform(leaf_key(self.seed, tmap), draw, sharding, depth)
-            yield tmap, _run_job(base, inputs, noise, dynamic, job)
-            del noise
             del base, inputs
 
     def metadata(self) -> dict[str, Any]:

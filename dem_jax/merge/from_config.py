@@ -18,9 +18,10 @@ from dem_jax.io.assets import has_tokenizer, stage_assets
 from dem_jax.io.hf.checkpoint import DEFAULT_MAX_SHARD_BYTES
 from dem_jax.io.outputs import check_disjoint
 from dem_jax.merge.engine import MergeInput
-from dem_jax.merge.output import check_output, merge_to_directory
+from dem_jax.merge.output import check_output, merge_to_directory, write_plan
 from dem_jax.merge.registry import get_method
 from dem_jax.merge.request import MergeRequest, check_layer_ranges, load_merge_config
+from dem_jax.merge.slices import LayerSource, MergeSlice, SlicePlan
 from dem_jax.merge.with_data import merge_with_data
 from dem_jax.vectors.store import is_vector_dir
 
@@ -69,6 +70,29 @@ def merge_from_config(
                     assets_dir=assets_dir,
                     allow_crimes=allow_crimes,
                 )
+            if req.slices is not None:
+                plan = SlicePlan(
+                    req.method,
+                    slice_specs(req),
+                    base=req.base,
+                    parameters=req.parameters,
+                    seed=req.seed if seed is None else seed,
+                    mesh=mesh,
+                    dtype=req.dtype,
+                    out_dtype=req.out_dtype,
+                    streaming=streaming,
+                    tokenizer_source=assets_dir,
+                    allow_crimes=allow_crimes,
+                )
+                return write_plan(
+                    plan,
+                    out,
+                    format=format,
+                    overwrite=overwrite,
+                    max_shard_bytes=max_shard_bytes,
+                    streaming=streaming,
+                    config_yaml=merge_yaml_text(req),
+                )
             return merge_to_directory(
                 out,
                 req.method,
@@ -90,6 +114,24 @@ def merge_from_config(
     except DemError as e:  # name the YAML file in every message about its contents
         where = str(req.source)
         raise DemError(str(e) if str(e).startswith(where) else f"{where}: {e}") from None
+
+
+def slice_specs(req: MergeRequest) -> list[MergeSlice]:
+    """The request's ``slices:`` as the slice engine takes them."""
+    return [
+        MergeSlice(
+            tuple(
+                LayerSource(p, lr, settings, str(p), where)
+                for p, lr, settings, where in zip(
+                    s.models, s.layer_ranges, s.model_parameters, s.wheres, strict=True
+                )
+            ),
+            s.base,
+            s.parameters,
+            s.where,
+        )
+        for s in req.slices or []
+    ]
 
 
 def donor_dir(req: MergeRequest) -> Path | None:

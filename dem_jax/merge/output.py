@@ -52,6 +52,29 @@ def merge_to_directory(
     """
     check_output(out, format, overwrite)
     run = MergePlan(method, base, models, streaming=streaming, **options)
+    return write_plan(
+        run,
+        out,
+        format=format,
+        overwrite=overwrite,
+        max_shard_bytes=max_shard_bytes,
+        streaming=streaming,
+        config_yaml=config_yaml,
+    )
+
+
+def write_plan(
+    run: MergePlan,
+    out: str | os.PathLike,
+    *,
+    format: str = "orbax",
+    overwrite: bool = False,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    streaming: bool = True,
+    config_yaml: str | None = None,
+) -> Path:
+    """Run a built plan (a :class:`MergePlan` or a slice merge's) into ``out`` as
+    :func:`merge_to_directory` does, closing it."""
     try:
         metadata = run.metadata()
         if config_yaml is not None:

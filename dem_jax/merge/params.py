@@ -1,13 +1,15 @@
 """mergekit's parameter language, resolved per tensor (mergekit 0.1.5 ``config.py``,
 ``parameter_resolver.py``).
 
-* Parameters are resolved per output tensor, by its Hugging Face name, from a chain
-  of settings, highest precedence first: the model's own ``parameters`` (per-model
-  parameters only), the slice's ``parameters``, the top-level ``parameters``; the
-  first setting that yields a value wins, else the method's default, else the
-  parameter is missing (an error).
+* Parameters are resolved per output tensor, by its Hugging Face name (a per-model
+  one by the name of that model's input tensor, which differs when a slice takes
+  other layers), from a chain of settings, highest precedence first: the model's own
+  ``parameters`` (per-model parameters only), the slice's ``parameters``, the
+  top-level ``parameters``; the first setting that yields a value wins, else the
+  method's default, else the parameter is missing (an error).
 * A setting is a scalar; a list of scalars (a *gradient*: interpolated linearly
-  over the decoder layers, ``t = layer / (num_layers - 1)``; embeddings, the final
+  over the decoder layers, ``t = layer / (num_layers - 1)``, or over the layers of
+  an output slice, ``t = k / (n - 1)`` for its k-th of n layers; embeddings, the final
   norm and ``lm_head`` take ``t = 0``; booleans pick the nearest lower entry); or a
   ``{filter: STR, value: SETTING}`` mapping or a list of them, where the first whose
   ``filter`` is a *substring* of the tensor name (or is absent or ``"*"``) applies.
@@ -211,15 +213,32 @@ def resolve_leaf(
 ) -> LeafValues:
     """Every parameter of ``method`` for every model and layer of one leaf."""
     names, ts = layer_names_and_ts(tmap, num_layers, num_experts)
+    return resolve_values(method, names, ts, chain, model_settings, labels)
+
+
+def resolve_values(
+    method: MergeMethod,
+    names: Sequence[str],
+    ts: Sequence[float],
+    chain: Sequence[Settings | None],
+    model_settings: Sequence[Settings | None],
+    labels: Sequence[str],
+    model_names: Sequence[Sequence[str]] | None = None,
+) -> LeafValues:
+    """Every parameter of ``method`` for the output tensors ``names`` at gradient
+    positions ``ts``. As in mergekit, shared parameters match their filters against
+    the output tensor's name and per-model ones against the input tensor's name,
+    ``model_names[i]`` for model i (the same names unless a slice takes other layers)."""
+    model_names = model_names or [names] * len(model_settings)
     per_model, shared = [], []
     for spec in method.params:
         if spec.per_model:
             rows = tuple(
                 tuple(
                     resolve(spec, [settings, *chain], name, t, label)
-                    for name, t in zip(names, ts, strict=True)
+                    for name, t in zip(own, ts, strict=True)
                 )
-                for settings, label in zip(model_settings, labels, strict=True)
+                for settings, label, own in zip(model_settings, labels, model_names, strict=True)
             )
             per_model.append((spec.name, rows))
         else:
@@ -229,7 +248,7 @@ def resolve_leaf(
             )
             shared.append((spec.name, values))
     values = LeafValues(tuple(per_model), tuple(shared))
-    method.check_values(values, names, list(labels))
+    method.check_values(values, list(names), list(labels))
     return values
 
 

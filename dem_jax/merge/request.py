@@ -1,8 +1,11 @@
 """A MERGE.yaml turned into what a merge needs: checked paths and settings.
 
 The file is read by the run configs' loader into :class:`~dem_jax.config.merge.MergeConfig`
-(mergekit 0.1.5's ``mergekit/config.py`` format). What we follow: ``models`` or one
-output slice whose sources all span every layer (``layer_range: [0, num_layers]``);
+(mergekit 0.1.5's ``mergekit/config.py`` format). What we follow: ``models``, or
+``slices`` (output slices, each merging its sources' ``layer_range``s of one length:
+layer stacking and slice merges, :mod:`dem_jax.merge.slices`; a slice's ``base_model``,
+else the top-level one, is the source naming that model, and mergekit's requirement that
+it be listed is relaxed where the sources share one range: it is then read there);
 ``base_model``; ``parameters`` at the top, per slice and per model (resolved by
 :mod:`dem_jax.merge.params`); ``dtype`` (inputs are rounded to it before merging);
 ``out_dtype``; ``tokenizer_source`` (``base`` or a model path; its tokenizer files
@@ -10,8 +13,8 @@ are copied); ``chat_template`` (``auto``, a template mergekit ships, or a Jinja
 template: :mod:`dem_jax.merge.chat_template`); ``random_seed`` (a dem-jax key that
 mergekit ignores).
 
-Refused with a DemError (mergekit has it, we do not): ``modules``; several slices or
-partial ``layer_range``s (layer stacking); ``residual_weight``; the ``tokenizer``
+Refused with a DemError (mergekit has it, we do not): ``modules``; ``residual_weight``;
+several slices or partial layer ranges for the data-aware methods; the ``tokenizer``
 section and ``tokenizer_source: union``; LoRA (``model+lora``) and
 Hub references (model paths must be HF or dem-jax directories, relative to the YAML's
 folder). Stricter than mergekit: unknown keys and parameters the method does not take
@@ -37,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from dem_jax.config.loader import load_yaml, parse_config
-from dem_jax.config.merge import DataOptions, MergeConfig, ModelEntry
+from dem_jax.config.merge import DataOptions, MergeConfig, ModelEntry, OutputSlice
 from dem_jax.errors import DemError
 from dem_jax.io import storage
 from dem_jax.io.modeldir import HF_CONFIG, model_format
@@ -49,6 +52,20 @@ from dem_jax.merge.registry import DATA_METHODS, get_method
 from dem_jax.vectors.store import is_vector_dir, vector_config
 
 DATA_KEYS = tuple(f.name for f in dataclasses.fields(DataOptions))
+
+
+@dataclass
+class SliceRequest:
+    """One entry of ``slices:``: its sources in order (the base among them when the
+    method keeps the base apart), their layer ranges and settings."""
+
+    models: list[Path]
+    layer_ranges: list[tuple[int, int]]
+    model_parameters: list[dict[str, Any]]
+    wheres: list[str]  # where each source was written ("slices[1].sources[0]")
+    base: int | None = None  # which source is the slice's base
+    parameters: dict[str, Any] = field(default_factory=dict)  # the slice's own settings
+    where: str = "slices[0]"
 
 
 @dataclass
@@ -69,6 +86,10 @@ class MergeRequest:
     # Per model: (start, end) from a slice source, None for `models:`; checked against
     # the model's depth once its config is read.
     layer_ranges: list[tuple[int, int] | None] = field(default_factory=list)
+    # `slices:` (every method but the data-aware ones): the output slices; then `models`
+    # lists each model they read once (model_parameters are empty, the slices hold them)
+    # and `base` is the top-level base_model (the output's config and tokenizer).
+    slices: list[SliceRequest] | None = None
     # Data-aware methods only: one JSONL file per model, and how to batch them.
     model_data: list[Path | None] = field(default_factory=list)
     data_options: DataOptions | None = None
@@ -130,13 +151,64 @@ def _entries(cfg: MergeConfig) -> tuple[list[tuple[ModelEntry, str]], dict[str, 
         return [(m, f"models[{i}]") for i, m in enumerate(cfg.models)], {}, cfg.base_model
     if len(cfg.slices) != 1:
         raise DemError(
-            "slices: only one output slice spanning every layer is supported "
-            "(several slices stack layers, which dem-jax does not do)"
+            f"slices: merge_method {cfg.merge_method} merges whole models: give one "
+            "output slice spanning every layer (or models:)"
         )
     (out,) = cfg.slices
     entries = [(s, f"slices[0].sources[{i}]") for i, s in enumerate(out.sources)]
     base = out.base_model if out.base_model is not None else cfg.base_model
     return entries, out.parameters or {}, base
+
+
+def _slice(
+    out: OutputSlice, i: int, method: MergeMethod, folder: Path, default_base: Path | None
+) -> SliceRequest:
+    """One output slice checked: paths, equal range lengths, settings, its base."""
+    where = f"slices[{i}]"
+    ref = out.base_model
+    base = default_base if ref is None else _model_path(ref, folder, f"{where}.base_model")
+    req = SliceRequest([], [], [], [], parameters=dict(out.parameters or {}), where=where)
+    for j, src in enumerate(out.sources):
+        at = f"{where}.sources[{j}]"
+        p = _model_path(src.model, folder, f"{at}.model")
+        if p.resolve() in {q.resolve() for q in req.models}:
+            raise DemError(f"{at}.model: {src.model!r} is listed twice in {where}")
+        _data_path(method, src.data, folder, f"{at}.data")  # an error: no method here reads data
+        settings = dict(src.parameters or {})
+        if not (method.separate_base and base is not None and p.resolve() == base.resolve()):
+            check_parameters(method, settings, f"{at}.parameters", per_model=True)
+        lr = tuple(src.layer_range)
+        first = req.layer_ranges[0] if req.layer_ranges else lr
+        if lr[1] - lr[0] != first[1] - first[0]:
+            raise DemError(
+                f"{at}.layer_range: {list(lr)} holds {lr[1] - lr[0]} layers but "
+                f"{where}.sources[0]'s {list(first)} holds {first[1] - first[0]} (a slice "
+                "merges layer k of every source, so every range must hold as many)"
+            )
+        req.models.append(p)
+        req.layer_ranges.append(lr)
+        req.model_parameters.append(settings)
+        req.wheres.append(at)
+    check_parameters(method, req.parameters, f"{where}.parameters", per_model=False)
+    if base is None or not method.separate_base:
+        return req  # the other methods take a listed base as one more input
+    found = [j for j, p in enumerate(req.models) if p.resolve() == base.resolve()]
+    if found:
+        req.base = found[0]
+    elif len(set(req.layer_ranges)) == 1:
+        # mergekit requires the base among the sources; an unlisted base is read at
+        # the layers the sources share.
+        req.models.append(base)
+        req.layer_ranges.append(req.layer_ranges[0])
+        req.model_parameters.append({})
+        req.wheres.append(f"{where}.base_model" if ref is not None else "base_model")
+        req.base = len(req.models) - 1
+    else:
+        raise DemError(
+            f"{where}: base model {str(ref or base)!r} is not among its sources, which take "
+            "different layer ranges (list it as a source with its layer_range)"
+        )
+    return req
 
 
 def parse_merge_config(data: Any, path: str | os.PathLike) -> MergeRequest:
@@ -153,16 +225,9 @@ def parse_merge_config(data: Any, path: str | os.PathLike) -> MergeRequest:
         raise DemError(f"{path}: {e}") from None
 
 
-def _request(cfg: MergeConfig, data: dict[str, Any], path: Path) -> MergeRequest:
-    folder = path.parent
-    method = get_method(cfg.merge_method, "merge_method")
-    if not method.data:
-        for key in DATA_KEYS:
-            if key in data:
-                raise DemError(
-                    f"{key}: merge_method {method.name} reads no data "
-                    f"(only {', '.join(DATA_METHODS)} do)"
-                )
+def _models(cfg: MergeConfig, method: MergeMethod, folder: Path):
+    """``models:`` (or a data-aware method's one full slice): (base, paths, per-model
+    settings, layer ranges, data files, the settings chain)."""
     entries, slice_params, base_ref = _entries(cfg)
     base = _model_path(base_ref, folder, "base_model") if base_ref is not None else None
     paths, params, layer_ranges, model_data = [], [], [], []
@@ -206,6 +271,31 @@ def _request(cfg: MergeConfig, data: dict[str, Any], path: Path) -> MergeRequest
         params.append({})
         layer_ranges.append(None)
 
+    return base, paths, params, layer_ranges, model_data, chain
+
+
+def _request(cfg: MergeConfig, data: dict[str, Any], path: Path) -> MergeRequest:
+    folder = path.parent
+    method = get_method(cfg.merge_method, "merge_method")
+    if not method.data:
+        for key in DATA_KEYS:
+            if key in data:
+                raise DemError(
+                    f"{key}: merge_method {method.name} reads no data "
+                    f"(only {', '.join(DATA_METHODS)} do)"
+                )
+    if cfg.slices is not None and not method.data:
+        base = None if cfg.base_model is None else _model_path(cfg.base_model, folder, "base_model")
+        slices = [_slice(out, i, method, folder, base) for i, out in enumerate(cfg.slices)]
+        global_params = dict(cfg.parameters or {})
+        check_parameters(method, global_params, "parameters", per_model=False)
+        paths = list({p.resolve(): p for s in slices for p in s.models}.values())
+        params, layer_ranges, model_data = [{} for _ in paths], [None] * len(paths), []
+        chain = [global_params]
+    else:
+        slices = None
+        base, paths, params, layer_ranges, model_data, chain = _models(cfg, method, folder)
+
     tok = cfg.tokenizer_source
     if tok == "base":
         if base is None:
@@ -228,6 +318,7 @@ def _request(cfg: MergeConfig, data: dict[str, Any], path: Path) -> MergeRequest
         seed=cfg.random_seed,
         source=path,
         layer_ranges=layer_ranges,
+        slices=slices,
         model_data=model_data,
         data_options=(cfg.data or DataOptions()) if method.data else None,
     )

@@ -39,8 +39,9 @@ class Source:
     hf_config: dict | None = None
     assets_dir: Path | None = None
 
-    def read(self, tmap: TensorMap, sharding) -> jax.Array:
-        """One leaf, on ``sharding``."""
+    def read(self, tmap: TensorMap, sharding, layers: tuple[int, int] | None = None) -> jax.Array:
+        """One leaf, on ``sharding``; of a stacked leaf only layers ``[start, end)`` when
+        ``layers`` is given (an output slice's share of this model)."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -54,8 +55,8 @@ class MemorySource(Source):
         if isinstance(item, Model):
             self.hf_config, self.assets_dir = item.hf_config, item.assets_dir
 
-    def read(self, tmap, sharding):
-        x = get_leaf(self.params, tmap.path)
+    def read(self, tmap, sharding, layers=None):
+        x = _layers(get_leaf(self.params, tmap.path), tmap, layers)
         return x if x.sharding == sharding else jax.device_put(x, sharding)
 
 
@@ -93,7 +94,10 @@ class OrbaxSource(Source):
             self.dtypes[tmap.path] = stored.dtype
         self._ckptr = ocp.PyTreeCheckpointer()
 
-    def read(self, tmap, sharding):
+    def read(self, tmap, sharding, layers=None):
+        if layers is not None and tmap.stacked:  # Orbax restores whole leaves
+            x = _layers(self.read(tmap, sharding), tmap, layers)
+            return jax.device_put(x, sharding)
         shape = tuple(get_leaf(param_shapes(self.config), tmap.path).shape)
         target: dict = {}
         set_leaf(
@@ -115,7 +119,8 @@ class OrbaxSource(Source):
 
 
 class HFSource(Source):
-    """A Hugging Face directory; each read loads one leaf's tensors (all its layers)."""
+    """A Hugging Face directory; each read loads one leaf's tensors (all its layers, or
+    a slice's)."""
 
     def __init__(self, directory, label: str):
         self.label, self.assets_dir = label, directory
@@ -128,8 +133,11 @@ class HFSource(Source):
         self.config = config.replace(param_dtype=stored, dtype=stored)
         check_checkpoint(self.ckpt, self.config, str(directory))
 
-    def read(self, tmap, sharding):
+    def read(self, tmap, sharding, layers=None):
         shape = tuple(get_leaf(param_shapes(self.config), tmap.path).shape)
+        first = 0
+        if layers is not None and tmap.stacked:  # only the slice's layers are read
+            first, shape = layers[0], (layers[1] - layers[0], *shape[1:])
         dtype = np.dtype(jnp.dtype(self.config.param_dtype))
         cache: dict[tuple, np.ndarray] = {}  # each tensor read once, whatever the sharding
 
@@ -137,7 +145,7 @@ class HFSource(Source):
 
         def layer(ij, layer_shape):
             if ij not in cache:
-                name = tmap.hf_name.format(i=ij[0], j=ij[-1]) if depth else tmap.hf_name
+                name = tmap.hf_name.format(i=first + ij[0], j=ij[-1]) if depth else tmap.hf_name
                 t = self.ckpt.read(name)
                 t = t.T if tmap.transpose else t
                 cache[ij] = np.asarray(t).reshape(layer_shape).astype(dtype, copy=False)
@@ -162,6 +170,11 @@ class HFSource(Source):
 
     def close(self):
         self.ckpt.close()
+
+
+def _layers(x: jax.Array, tmap: TensorMap, layers: tuple[int, int] | None) -> jax.Array:
+    """Layers ``[start, end)`` of a stacked leaf (all of it when ``layers`` is None)."""
+    return x if layers is None or not tmap.stacked else x[layers[0] : layers[1]]
 
 
 def open_source(item, label: str, mesh: Mesh | None, streaming: bool) -> Source:

@@ -29,21 +29,21 @@ class Layout:
 
 
 def layer_names_and_ts(
-    tmap: TensorMap, num_layers: int, num_experts: int = 0
+    tmap: TensorMap, num_layers: int, num_experts: int = 0, first: int = 0
 ) -> tuple[list[str], list[float]]:
     """HF tensor name and gradient position ``t`` of each layer (and, for a mixture
     of experts' expert kernels, each expert of each layer, layer-major) of a leaf
-    (mergekit: ``t = i / (L - 1)`` over the layers, the same for every expert of a
-    layer; embeddings, final norm and lm_head ``t = 0``)."""
+    holding layers ``first .. first + num_layers - 1`` (mergekit: ``t = k / (n - 1)``
+    over the n layers of the model or of its output slice, 1 for a single layer, the
+    same for every expert of a layer; embeddings, final norm and lm_head ``t = 0``)."""
     if not tmap.stacked:
         return [tmap.hf_name], [0.0]
-    ts = [i / (num_layers - 1) if num_layers > 1 else 1.0 for i in range(num_layers)]
+    ts = [k / (num_layers - 1) if num_layers > 1 else 1.0 for k in range(num_layers)]
+    layers = range(first, first + num_layers)
     if "{j}" in tmap.hf_name:
-        names = [
-            tmap.hf_name.format(i=i, j=j) for i in range(num_layers) for j in range(num_experts)
-        ]
+        names = [tmap.hf_name.format(i=i, j=j) for i in layers for j in range(num_experts)]
         return names, [t for t in ts for _ in range(num_experts)]
-    return [tmap.hf_name.format(i=i) for i in range(num_layers)], ts
+    return [tmap.hf_name.format(i=i) for i in layers], ts
 
 
 def to_hf(x: jax.Array, layout: Layout, lead: int) -> jax.Array:

@@ -1,9 +1,9 @@
 """``passthrough``: one model's tensors, each optionally multiplied by ``scale``
 (mergekit 0.1.5 ``merge_methods/passthrough.py::passthrough_merge_method``).
 
-mergekit uses it to stack layer ranges of several models; dem-jax refuses partial
-layer ranges and several slices (see :mod:`dem_jax.merge.request`), so here it takes
-exactly one input: a listed model, or the base model alone.
+mergekit uses it to stack layer ranges of several models: with ``slices:``, one
+source per slice (:mod:`dem_jax.merge.slices`). Each merge it runs takes exactly one
+input: a slice's source, a listed model, or the base model alone.
 """
 
 from __future__ import annotations
