@@ -69,9 +69,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         # JAX: on a pod every host runs the same command as one program. Imported
         # here, like each command's library, so that --help and argument errors
         # answer without loading JAX.
+        from dem_jax.sharding.compile_cache import enable_compilation_cache
         from dem_jax.sharding.distributed import initialize_from_env
 
         initialize_from_env()
+        enable_compilation_cache()  # compiled programs kept on disk for the next run
         return args.func(args)
     except DemError as e:
         print(f"dem-jax: error: {e}", file=sys.stderr)

@@ -286,3 +286,30 @@ def test_writing_weights_shows_one_progress_bar(capsys, hf_dir, tmp_path):
     assert code == 0, err
     bar = [part for part in err.replace("\r", "\n").splitlines() if "writing exported" in part]
     assert bar and "100%" in bar[-1] and "B/s" in bar[-1], err
+
+
+def test_commands_keep_compiled_programs_on_disk(hf_dir, tmp_path):
+    """Every command points JAX's persistent compilation cache at $DEM_JAX_CACHE/xla (a
+    second run of the same shapes loads instead of compiling); DEM_JAX_COMPILE_CACHE=0
+    turns it off, and a cache configured for JAX itself is left alone."""
+    probe = (
+        "import jax; from dem_jax.sharding.compile_cache import enable_compilation_cache as e;"
+        "print(e(), jax.config.jax_compilation_cache_dir)"
+    )
+    # the suite's own JAX cache (conftest) is kept out of these commands' environment
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "DEM_JAX_COMP"))}
+
+    def run(argv, **env):
+        env = {**clean, "DEM_JAX_CACHE": str(tmp_path / "cache"), **env}
+        done = subprocess.run([sys.executable, *argv], env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.split()
+
+    xla, mine, theirs = (str(tmp_path / n) for n in ("cache/xla", "mine", "jax"))
+    assert run(["-c", probe]) == [xla, xla]
+    assert run(["-c", probe], DEM_JAX_COMPILE_CACHE="0") == ["None", "None"]
+    assert run(["-c", probe], DEM_JAX_COMPILE_CACHE=mine) == [mine, mine]
+    assert run(["-c", probe], JAX_COMPILATION_CACHE_DIR=theirs) == ["None", theirs]
+    # and the CLI turns it on
+    run(["-m", "dem_jax", "convert", "hf-to-orbax", str(hf_dir), str(tmp_path / "o")])
+    assert (tmp_path / "cache" / "xla").is_dir()

