@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 from hf_models import save_hf_model
-from train_helpers import ROOT, TINY
+from train_helpers import ROOT, TINY, TINY_MODEL
 
 from dem_jax import cli
 from dem_jax.io import outputs
@@ -281,3 +281,17 @@ def test_a_kill_before_the_new_output_is_complete_restores_the_old(capfd, tmp_pa
     assert (dst / "dem_jax_model.json").read_text() == "old"
     assert "restored the previous output" in err and "removed .model.tmp-87654321" in err
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+def test_api_save_into_a_missing_folder_is_one_error(tmp_path):
+    """The Python API refuses an output whose parent does not exist as the CLI does
+    (a DemError naming it), creating nothing, instead of a FileNotFoundError from the
+    lock file."""
+    import dem_jax
+    from dem_jax.errors import DemError
+
+    model = dem_jax.init_model(TINY_MODEL)
+    for fmt in ("hf", "orbax"):
+        with pytest.raises(DemError, match="parent directory does not exist"):
+            dem_jax.save_model(model, tmp_path / "missing" / "out", format=fmt)
+    assert list(tmp_path.iterdir()) == []

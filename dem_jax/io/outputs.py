@@ -158,6 +158,8 @@ def atomic_directory(
         if main:
             try:
                 if not storage.is_url(dst):
+                    if not dst.parent.is_dir():  # the lock file lives there
+                        raise DemError(f"{dst.parent}: output's parent directory does not exist")
                     stack.enter_context(_lock(dst))
                     _recover(dst)
                 check_writable(dst, overwrite, signature)
