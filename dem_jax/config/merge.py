@@ -23,7 +23,7 @@ class DataOptions:
     (top-level MERGE.yaml keys; the same defaults as ``dem-jax score``)."""
 
     seq_len: int = 512  # tokens per row; one row per document, longer ones split
-    batch_size: int = 8  # rows per pass; on a mesh a multiple of data*fsdp
+    batch_size: int = 8  # rows per pass; on a mesh a multiple of data*fsdp*expert
     max_examples: int = 0  # records read from each data file; 0 = all
     prompt_template: str = "{prompt}"  # applied to the prompt of prompt/completion records
     add_bos: bool = True  # prepend the tokenizer's BOS token

@@ -81,7 +81,7 @@ def merge_with_statistics(
     ``model_parameters`` (one mapping per model) and ``parameters`` (global, or a
     chain of them, highest precedence first) hold
     single numbers; unset ones take the method's defaults. With ``mesh`` every pass
-    runs sharded (parameters by the sharding rules, batches over data*fsdp) and the
+    runs sharded (parameters by the sharding rules, batches over data*fsdp*expert) and the
     result lies on the parameters' shardings. Returns (merged parameters, resolved
     per-model parameters, resolved global parameters).
     """

@@ -33,7 +33,7 @@ def fisher_regmean_params(
     merged with ``pipeline.regmean_alpha``); see
     :func:`dem_jax.merge.with_data.merge_with_statistics`. With ``mesh`` the models are
     loaded onto it and every pass runs sharded (``search.batch_size`` must divide by
-    data*fsdp).
+    data*fsdp*expert).
     """
     if kind not in FISHER_MERGES:
         raise DemError(f"unknown data-aware merge {kind!r} (known: {', '.join(FISHER_MERGES)})")

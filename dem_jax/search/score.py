@@ -167,7 +167,7 @@ def score_model(
     in a row; False gives each record its own padded row (same results, more
     rows). With ``mesh`` the parameters are placed on
     their shardings and each batch is split over the data-parallel axes
-    (``batch_size`` must divide by data*fsdp). ``max_batches`` > 0 scores only
+    (``batch_size`` must divide by data*fsdp*expert). ``max_batches`` > 0 scores only
     the first batches of each set (bits per byte is then undefined: NaN).
     """
     if seq_len < 2:

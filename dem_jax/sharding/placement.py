@@ -25,7 +25,7 @@ def check_batch_size(batch_size: int, mesh: Mesh | None, where: str = "--batch-s
     if batch_size <= 0 or batch_size % dp:
         raise DemError(
             f"{where}: {batch_size} must be a positive multiple of the mesh's "
-            f"data-parallel size (data*fsdp = {dp})"
+            f"data-parallel size (data*fsdp*expert = {dp})"
         )
 
 

@@ -126,7 +126,7 @@ def diagonal_fisher(
 
     With ``mesh`` (:func:`dem_jax.sharding.rules.make_mesh`) the parameters are placed
     on :func:`~dem_jax.sharding.rules.param_shardings`, each batch is split over the
-    data-parallel axes (the batch size must divide by data*fsdp) and the Fisher
+    data-parallel axes (the batch size must divide by data*fsdp*expert) and the Fisher
     comes back sharded like the parameters; the numbers are those of the
     single-device pass up to summation order. Raises DemError when no row has a
     loss token.

@@ -183,7 +183,7 @@ def gram_matrices(
 
     With ``mesh`` the parameters are placed on
     :func:`~dem_jax.sharding.rules.param_shardings`, each batch is split over the
-    data-parallel axes (the batch size must divide by data*fsdp) and the Grams
+    data-parallel axes (the batch size must divide by data*fsdp*expert) and the Grams
     come back sharded (:func:`gram_shardings`); the numbers are those of the
     single-device pass up to summation order.
     """
