@@ -6,6 +6,7 @@ dimension cannot go unnoticed.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -254,3 +255,38 @@ def torch_logits(model, tokens, attention_mask=None, position_ids=None) -> np.nd
     with torch.no_grad():
         out = model(torch.tensor(np.asarray(tokens)), **kwargs).logits
     return out.float().numpy()
+
+
+# transformers 5 holds a mixture of experts' weights fused per layer (experts.gate_up_proj
+# (E, 2F, D), experts.down_proj (E, D, F), the router as mlp.gate); checkpoints, and so
+# dem-jax (and its exports), name one tensor per expert.
+FUSED_EXPERTS = re.compile(
+    r"(model\.layers\.\d+\.)mlp\.(experts\.gate_up_proj|experts\.down_proj|gate\.weight)$"
+)
+
+
+def per_expert_tensors(tensors: dict[str, np.ndarray], mixtral: bool) -> dict[str, np.ndarray]:
+    """Fused expert tensors (transformers 5 in memory, mergekit 0.1.5's outputs) under
+    the per-expert checkpoint names: Mixtral's ``block_sparse_moe.experts.{j}.w1/w3/w2``,
+    else Qwen3-MoE's ``mlp.experts.{j}.gate_proj/up_proj/down_proj``."""
+    prefix, gate, up, down = (
+        ("block_sparse_moe", "w1", "w3", "w2")
+        if mixtral
+        else ("mlp", "gate_proj", "up_proj", "down_proj")
+    )
+    out = {}
+    for name, t in tensors.items():
+        m = FUSED_EXPERTS.match(name)
+        if m is None:
+            out[name] = t
+        elif m.group(2) == "gate.weight":
+            out[f"{m.group(1)}{prefix}.gate.weight"] = t
+        elif m.group(2) == "experts.down_proj":
+            for j in range(len(t)):
+                out[f"{m.group(1)}{prefix}.experts.{j}.{down}.weight"] = t[j]
+        else:
+            f = t.shape[1] // 2
+            for j in range(len(t)):
+                out[f"{m.group(1)}{prefix}.experts.{j}.{gate}.weight"] = t[j, :f]
+                out[f"{m.group(1)}{prefix}.experts.{j}.{up}.weight"] = t[j, f:]
+    return out

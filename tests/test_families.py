@@ -38,8 +38,10 @@ import transformers
 import yaml
 from hf_models import (
     FAMILY_CASES,
+    FUSED_EXPERTS,
     VOCAB,
     build_hf_model,
+    per_expert_tensors,
     random_tokens,
     save_hf_model,
     torch_logits,
@@ -450,41 +452,10 @@ def torch_loss_and_grads(hf_dir, records) -> tuple[float, dict[str, np.ndarray]]
     return loss.item(), checkpoint_names(grads, hf_dir)
 
 
-# transformers 5 holds a mixture of experts' weights fused per layer (experts.gate_up_proj
-# (E, 2F, D), experts.down_proj (E, D, F), the router as mlp.gate); checkpoints, and so
-# dem-jax, name one tensor per expert. Mixtral's checkpoint prefix is block_sparse_moe.
-_FUSED = re.compile(
-    r"(model\.layers\.\d+\.)mlp\.(experts\.gate_up_proj|experts\.down_proj|gate\.weight)$"
-)
-
-
-def _expert_names(hf_dir) -> tuple[str, tuple[str, str, str]]:
-    names = load_file(hf_dir / "model.safetensors")
-    if any(".block_sparse_moe." in n for n in names):
-        return "block_sparse_moe", ("w1", "w3", "w2")
-    return "mlp", ("gate_proj", "up_proj", "down_proj")
-
-
 def checkpoint_names(tensors: dict[str, np.ndarray], hf_dir) -> dict[str, np.ndarray]:
     """transformers' in-memory tensors under their checkpoint names (per expert)."""
-    prefix, (gate, up, down) = _expert_names(hf_dir)
-    out = {}
-    for name, t in tensors.items():
-        m = _FUSED.match(name)
-        if m is None:
-            out[name] = t
-        elif m.group(2) == "gate.weight":
-            out[f"{m.group(1)}{prefix}.gate.weight"] = t
-        elif m.group(2) == "experts.down_proj":
-            out.update(
-                {f"{m.group(1)}{prefix}.experts.{j}.{down}.weight": t[j] for j in range(len(t))}
-            )
-        else:
-            f = t.shape[1] // 2
-            for j in range(len(t)):
-                out[f"{m.group(1)}{prefix}.experts.{j}.{gate}.weight"] = t[j, :f]
-                out[f"{m.group(1)}{prefix}.experts.{j}.{up}.weight"] = t[j, f:]
-    return out
+    names = load_file(hf_dir / "model.safetensors")
+    return per_expert_tensors(tensors, mixtral=any(".block_sparse_moe." in n for n in names))
 
 
 def in_memory_names(state: dict[str, np.ndarray], hf_dir, model) -> dict[str, np.ndarray]:
@@ -493,7 +464,7 @@ def in_memory_names(state: dict[str, np.ndarray], hf_dir, model) -> dict[str, np
     split = checkpoint_names(want, hf_dir)  # which checkpoint tensors make each one
     out = {}
     for name, t in want.items():
-        if _FUSED.match(name) is None:
+        if FUSED_EXPERTS.match(name) is None:
             if name in state:
                 out[name] = state[name]
             continue

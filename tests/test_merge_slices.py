@@ -21,7 +21,7 @@ from hf_models import random_tokens, save_hf_model, torch_logits
 from safetensors.numpy import load_file
 from test_merge import make_family
 from test_merge_yaml import run as run_cli
-from test_moe import _as_experts
+from test_moe import mixtral_experts
 
 import dem_jax
 from dem_jax.merge.from_config import merge_from_config
@@ -172,7 +172,7 @@ def test_mixtral_frankenmerge_keeps_each_layers_experts(tmp_path):
         "merge_method": "passthrough",
         "slices": [{"sources": [src(a, 0, 2)]}, {"sources": [src(b, 1, 3)]}],
     }
-    (ours, theirs), (hf, mk_hf) = run_both(tmp_path, cfg, lambda t: _as_experts(t, 56))
+    (ours, theirs), (hf, mk_hf) = run_both(tmp_path, cfg, mixtral_experts)
     assert_same(ours, theirs)
     assert hf["num_hidden_layers"] == mk_hf["num_hidden_layers"] == 4
     expert = "block_sparse_moe.experts.{j}.w2.weight"

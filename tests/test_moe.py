@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from hf_models import random_tokens, save_hf_model, torch_logits
+from hf_models import per_expert_tensors, random_tokens, save_hf_model, torch_logits
 from safetensors.numpy import load_file
 from test_cli import assert_bad_input
 from test_generate import assert_greedy_matches_generate
@@ -25,6 +25,13 @@ from dem_jax.model.moe import route
 from dem_jax.sharding.rules import make_mesh
 
 MOE = ["mixtral", "qwen3_moe"]
+
+
+def mixtral_experts(tensors: dict) -> dict:
+    """mergekit 0.1.5's Mixtral output (fused experts) under the per-expert names."""
+    return per_expert_tensors(tensors, mixtral=True)
+
+
 TOL = 1e-4
 
 
@@ -105,27 +112,6 @@ def mixtral_family(tmp_path_factory):
     return make_family(tmp_path_factory.mktemp("moe"), n=2, case="mixtral")
 
 
-def _as_experts(tensors: dict, f: int) -> dict:
-    """mergekit 0.1.5's Mixtral output (transformers 5's fused expert tensors:
-    gate_up_proj (E, 2F, D), down_proj (E, D, F)) under the per-expert names that
-    checkpoints (and dem-jax's exports) use."""
-    out = {}
-    for name, t in tensors.items():
-        prefix, _, leaf = name.partition("mlp.")
-        if leaf == "experts.gate_up_proj":
-            for j in range(len(t)):
-                out[f"{prefix}block_sparse_moe.experts.{j}.w1.weight"] = t[j, :f]
-                out[f"{prefix}block_sparse_moe.experts.{j}.w3.weight"] = t[j, f:]
-        elif leaf == "experts.down_proj":
-            for j in range(len(t)):
-                out[f"{prefix}block_sparse_moe.experts.{j}.w2.weight"] = t[j]
-        elif leaf == "gate.weight":
-            out[f"{prefix}block_sparse_moe.gate.weight"] = t
-        else:
-            out[name] = t
-    return out
-
-
 @pytest.mark.parametrize(
     "cfg",
     [
@@ -143,7 +129,7 @@ def test_merges_equal_mergekit(mixtral_family, cfg, tmp_path):
         for p, w in zip(mixtral_family[1:], weights, strict=True)
     ]
     cfg = {**cfg, "models": models, "dtype": "float32"}
-    ours, theirs = run_both(mixtral_family, tmp_path, cfg, lambda t: _as_experts(t, 56))
+    ours, theirs = run_both(mixtral_family, tmp_path, cfg, mixtral_experts)
     assert "model.layers.2.block_sparse_moe.experts.4.w2.weight" in ours
     for name in ours:
         np.testing.assert_allclose(ours[name], theirs[name], atol=1e-6, rtol=0, err_msg=name)

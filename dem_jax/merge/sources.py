@@ -4,7 +4,6 @@ directory reads that leaf's tensors), so streaming merges never hold whole input
 
 from __future__ import annotations
 
-import itertools
 import os
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from dem_jax.errors import DemError, first_line
 from dem_jax.io import storage
 from dem_jax.io.hf.config import from_hf_config
 from dem_jax.io.hf.safetensors_reader import SafetensorsCheckpoint
-from dem_jax.io.hf.weights import TensorMap, check_checkpoint, tensor_maps
+from dem_jax.io.hf.weights import TensorMap, block_tensors, check_checkpoint, tensor_maps
 from dem_jax.io.modeldir import HF_CONFIG, Model, model_format
 from dem_jax.io.models import load_model
 from dem_jax.io.orbax import read_metadata
@@ -139,27 +138,22 @@ class HFSource(Source):
         if layers is not None and tmap.stacked:  # only the slice's layers are read
             first, shape = layers[0], (layers[1] - layers[0], *shape[1:])
         dtype = np.dtype(jnp.dtype(self.config.param_dtype))
-        cache: dict[tuple, np.ndarray] = {}  # each tensor read once, whatever the sharding
+        cache: dict[str, np.ndarray] = {}  # each tensor read once, whatever the sharding
 
-        depth = tmap.depth
-
-        def layer(ij, layer_shape):
-            if ij not in cache:
-                name = tmap.hf_name.format(i=first + ij[0], j=ij[-1]) if depth else tmap.hf_name
+        def tensor(name, layer_shape):
+            if name not in cache:
                 t = self.ckpt.read(name)
                 t = t.T if tmap.transpose else t
-                cache[ij] = np.asarray(t).reshape(layer_shape).astype(dtype, copy=False)
-            return cache[ij]
+                cache[name] = np.asarray(t).reshape(layer_shape).astype(dtype, copy=False)
+            return cache[name]
 
         def callback(index):
-            if not depth:
-                return layer((), shape)[index]
+            if not tmap.depth:
+                return tensor(tmap.hf_name, shape)[index]
             # one HF tensor per (layer[, expert]) in this device's block
-            lead = [range(*s.indices(n)) for s, n in zip(index[:depth], shape[:depth], strict=True)]
-            block = np.stack(
-                [layer(ij, shape[depth:])[index[depth:]] for ij in itertools.product(*lead)]
-            )
-            return block.reshape(*map(len, lead), *block.shape[1:])
+            counts, names, inner = block_tensors(tmap, shape, index, first)
+            block = np.stack([tensor(n, shape[tmap.depth :])[inner] for n in names])
+            return block.reshape(*counts, *block.shape[1:])
 
         array = jax.make_array_from_callback(shape, sharding, callback)
         # Unmap the files: pages read through a live mapping count in this process's

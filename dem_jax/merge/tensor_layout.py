@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
-from dem_jax.io.hf.weights import TensorMap
+from dem_jax.io.hf.weights import TensorMap, tensor_names
 
 
 @dataclass(frozen=True)
@@ -39,11 +39,9 @@ def layer_names_and_ts(
     if not tmap.stacked:
         return [tmap.hf_name], [0.0]
     ts = [k / (num_layers - 1) if num_layers > 1 else 1.0 for k in range(num_layers)]
-    layers = range(first, first + num_layers)
-    if "{j}" in tmap.hf_name:
-        names = [tmap.hf_name.format(i=i, j=j) for i in layers for j in range(num_experts)]
-        return names, [t for t in ts for _ in range(num_experts)]
-    return [tmap.hf_name.format(i=i) for i in layers], ts
+    names = tensor_names(tmap, range(first, first + num_layers), range(num_experts))
+    per_layer = len(names) // num_layers  # experts per layer (1 for other leaves)
+    return names, [t for t in ts for _ in range(per_layer)]
 
 
 def to_hf(x: jax.Array, layout: Layout, lead: int) -> jax.Array:

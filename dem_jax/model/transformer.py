@@ -93,7 +93,7 @@ class DecoderLM(nnx.Module):
         """Logits (B, T, V) float32; with a ``cache`` (see :func:`init_cache`) also the
         updated cache, the new tokens' keys and values written after the old ones."""
         c = self.config
-        x, cos, sin, segment_ids = self._embed(tokens, positions, segment_ids)
+        x, cos, sin, segment_ids = self.embed_inputs(tokens, positions, segment_ids)
         if cache is None:
             x, _ = self._run_layers(x, cos, sin, segment_ids, segment_ids, 0, None)
         else:
@@ -119,13 +119,14 @@ class DecoderLM(nnx.Module):
         """Final-normed hidden states (B, T, D) in the compute dtype: the logits are
         ``hidden @ output_kernel()``, left to the caller so a loss can take them a
         chunk at a time (see :func:`dem_jax.model.losses.chunked_nll_sum`)."""
-        x, cos, sin, segment_ids = self._embed(tokens, positions, segment_ids)
+        x, cos, sin, segment_ids = self.embed_inputs(tokens, positions, segment_ids)
         x, _ = self._run_layers(x, cos, sin, segment_ids, segment_ids, 0, None)
         return self.final_norm(x)
 
-    def _embed(self, tokens, positions, segment_ids):
-        """Embedded tokens (B, T, D), the RoPE tables and the segment ids (defaults:
-        positions 0..T-1, one segment)."""
+    def embed_inputs(self, tokens, positions, segment_ids):
+        """Embedded tokens (B, T, D), the cos and sin tables stacked per kind of layer
+        (k, B, T, R; see :func:`rope_kinds`) and the segment ids (defaults: positions
+        0..T-1, one segment)."""
         c = self.config
         if segment_ids is None:
             segment_ids = jnp.ones_like(tokens)
@@ -155,8 +156,7 @@ class DecoderLM(nnx.Module):
         c = self.config
         graphdef, state = nnx.split(self.layers)
         windows = layer_windows(c)
-        # Which rope table each layer takes: 1 (local) for Gemma 3's sliding layers.
-        kinds = (windows < NO_WINDOW).astype(jnp.int32) * (cos.shape[0] - 1)
+        kinds = rope_kinds(windows, cos.shape[0])
 
         def layer(x, scanned):
             layer_state, window, kind, layer_kv = scanned
@@ -182,6 +182,12 @@ class DecoderLM(nnx.Module):
 def softcap_logits(logits: jax.Array, cap: float | None) -> jax.Array:
     """Gemma 2's final soft-capping ``cap · tanh(logits / cap)``; unchanged without a cap."""
     return logits if cap is None else cap * jnp.tanh(logits / cap)
+
+
+def rope_kinds(windows: jax.Array, tables: int) -> jax.Array:
+    """(L,) index of the rope table each layer takes from ``embed_inputs``' stack of
+    ``tables``: 1 (local) for Gemma 3's sliding layers when there are two, else 0."""
+    return (windows < NO_WINDOW).astype(jnp.int32) * (tables - 1)
 
 
 def layer_windows(config: ModelConfig) -> jax.Array:

@@ -18,7 +18,13 @@ from typing import Any
 
 from dem_jax.config.model import ROPE_TYPES, ModelConfig, RopeScaling
 from dem_jax.errors import DemError
-from dem_jax.io.hf.families import family_fields, family_hf_fields, hf_get, sliding_windows
+from dem_jax.io.hf.families import (
+    family_fields,
+    family_hf_fields,
+    hf_get,
+    require,
+    sliding_windows,
+)
 
 # Hugging Face class -> (dem-jax architecture, model_type)
 ARCHITECTURES = {
@@ -53,12 +59,6 @@ def hf_architecture(hf: dict[str, Any], where: str = "config.json") -> str:
     return cls
 
 
-def _require(hf: dict[str, Any], key: str, where: str):
-    if hf.get(key) is None:
-        raise DemError(f"{where}: missing required field {key!r}")
-    return hf[key]
-
-
 def _rope(hf: dict[str, Any], arch: str, where: str) -> dict[str, Any]:
     """The ModelConfig rope fields (rope_theta, rope_scaling, partial_rotary_factor,
     local_rope_theta) from either the 5.x or the 4.x spelling."""
@@ -86,17 +86,17 @@ def _rope(hf: dict[str, Any], arch: str, where: str) -> dict[str, Any]:
         )
     kwargs: dict[str, Any] = {"rope_type": rope_type}
     if rope_type in ("linear", "llama3"):
-        kwargs["factor"] = float(_require(scaling, "factor", f"{where}: rope scaling"))
+        kwargs["factor"] = float(require(scaling, "factor", f"{where}: rope scaling"))
     if rope_type == "llama3":
         for key in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
-            kwargs[key] = _require(scaling, key, f"{where}: rope scaling")
+            kwargs[key] = require(scaling, key, f"{where}: rope scaling")
     if rope_type == "longrope":  # Phi-3: the pretraining length may sit at the top level
         for key in ("short_factor", "long_factor"):
-            kwargs[key] = _require(scaling, key, f"{where}: rope scaling")
+            kwargs[key] = require(scaling, key, f"{where}: rope scaling")
         original = scaling.get("original_max_position_embeddings")
         original = original or hf.get("original_max_position_embeddings")
         kwargs["original_max_position_embeddings"] = int(
-            original or _require(hf, "max_position_embeddings", where)
+            original or require(hf, "max_position_embeddings", where)
         )
         for key in ("factor", "attention_factor"):
             if scaling.get(key) is not None:
@@ -118,13 +118,13 @@ def from_hf_config(
     arch = ARCHITECTURES[cls][0]
     if hf.get("mlp_bias"):
         raise DemError(f"{where}: mlp_bias=true is not supported")
-    heads = int(_require(hf, "num_attention_heads", where))
-    layers = int(_require(hf, "num_hidden_layers", where))
+    heads = int(require(hf, "num_attention_heads", where))
+    layers = int(require(hf, "num_hidden_layers", where))
     dtype = param_dtype or _TORCH_DTYPES.get(hf.get("dtype") or hf.get("torch_dtype"), "float32")
     return ModelConfig(
-        vocab_size=int(_require(hf, "vocab_size", where)),
-        hidden_size=int(_require(hf, "hidden_size", where)),
-        intermediate_size=int(_require(hf, "intermediate_size", where)),
+        vocab_size=int(require(hf, "vocab_size", where)),
+        hidden_size=int(require(hf, "hidden_size", where)),
+        intermediate_size=int(require(hf, "intermediate_size", where)),
         num_layers=layers,
         num_heads=heads,
         num_kv_heads=int(hf.get("num_key_value_heads") or heads),

@@ -124,14 +124,15 @@ def moe_fields(hf: dict[str, Any], arch: str, where: str) -> dict[str, Any]:
                 f"{where}: dense layers among the experts (mlp_only_layers, "
                 "decoder_sparse_step > 1) are not supported"
             )
-        fields["moe_intermediate_size"] = int(_require_key(hf, "moe_intermediate_size", where))
+        fields["moe_intermediate_size"] = int(require(hf, "moe_intermediate_size", where))
         fields["norm_topk_prob"] = bool(hf.get("norm_topk_prob", False))
     return fields
 
 
-def _require_key(hf: dict[str, Any], key: str, where: str) -> Any:
-    if key not in hf:
-        raise DemError(f"{where}: missing field {key!r}")
+def require(hf: dict[str, Any], key: str, where: str) -> Any:
+    """``hf[key]``, or a DemError naming the missing field."""
+    if hf.get(key) is None:
+        raise DemError(f"{where}: missing required field {key!r}")
     return hf[key]
 
 

@@ -10,9 +10,8 @@ each layer), so a model larger than one device's memory loads onto a mesh.
 
 from __future__ import annotations
 
-import itertools
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -170,18 +169,31 @@ def _layer_shape(tmap: TensorMap, shape: tuple[int, ...]) -> tuple[int, ...]:
     return shape[tmap.depth :]
 
 
+def tensor_names(tmap: TensorMap, layers: Sequence[int], experts: Sequence[int]) -> list[str]:
+    """The HF tensors behind ``layers`` of one leaf (and ``experts`` of each, for an
+    expert kernel), in the order of its flattened leading axes: layer-major."""
+    if not tmap.stacked:
+        return [tmap.hf_name]
+    experts = experts if "{j}" in tmap.hf_name else (0,)
+    return [tmap.hf_name.format(i=i, j=j) for i in layers for j in experts]
+
+
 def hf_names(tmap: TensorMap, config: ModelConfig) -> list[str]:
-    """The HF tensors behind one leaf, in the order of its flattened leading axes
-    (layer-major, then expert)."""
-    if "{j}" in tmap.hf_name:
-        return [
-            tmap.hf_name.format(i=i, j=j)
-            for i in range(config.num_layers)
-            for j in range(config.num_experts)
-        ]
-    if tmap.stacked:
-        return [tmap.hf_name.format(i=i) for i in range(config.num_layers)]
-    return [tmap.hf_name]
+    """The HF tensors behind one whole leaf (see :func:`tensor_names`)."""
+    return tensor_names(tmap, range(config.num_layers), range(config.num_experts))
+
+
+def block_tensors(
+    tmap: TensorMap, shape: tuple[int, ...], index: tuple, first: int = 0
+) -> tuple[tuple[int, ...], list[str], tuple]:
+    """A device's block ``index`` of a stacked leaf of ``shape``: how many layers (and
+    experts) it spans, the HF tensor behind each of them (layer-major; the leaf's
+    layer 0 is the model's layer ``first``) and the block's index within one tensor."""
+    depth = tmap.depth
+    lead = [range(*s.indices(n)) for s, n in zip(index[:depth], shape[:depth], strict=True)]
+    layers = [first + i for i in lead[0]]
+    names = tensor_names(tmap, layers, lead[1] if depth > 1 else (0,))
+    return tuple(map(len, lead)), names, index[depth:]
 
 
 def per_tensor(leaf, tmap: TensorMap):
@@ -253,21 +265,16 @@ def read_params(
         target = np.dtype(spec.dtype)
 
         def callback(index, tmap=tmap, shape=tuple(spec.shape), target=target):
-            depth = tmap.depth
-            if not depth:
+            if not tmap.depth:
                 return _read_block(ckpt, tmap, tmap.hf_name, shape, index).astype(
                     target, copy=False
                 )
             # one block per (layer[, expert]) this device holds
-            lead = [range(*s.indices(n)) for s, n in zip(index[:depth], shape[:depth], strict=True)]
-            blocks = [
-                _read_block(
-                    ckpt, tmap, tmap.hf_name.format(i=ij[0], j=ij[-1]), shape[depth:], index[depth:]
-                )
-                for ij in itertools.product(*lead)
-            ]
-            block = np.stack(blocks)
-            return block.reshape(*map(len, lead), *block.shape[1:]).astype(target, copy=False)
+            counts, names, inner = block_tensors(tmap, shape, index)
+            block = np.stack(
+                [_read_block(ckpt, tmap, n, shape[tmap.depth :], inner) for n in names]
+            )
+            return block.reshape(*counts, *block.shape[1:]).astype(target, copy=False)
 
         array = jax.make_array_from_callback(
             tuple(spec.shape), _get(shardings, tmap.path), callback

@@ -103,17 +103,16 @@ def _gram_batch(params, config, batch) -> dict[str, jax.Array]:
     :class:`_Tap` for the call, so no attention or MLP math is re-implemented
     here. Only the outer loop (embedding, the layer scan with its per-layer
     sliding window, the final norm) is spelled out, as in ``DecoderLM``; the
-    embedding and the rope tables come from ``DecoderLM._embed`` itself.
+    embedding and the rope tables come from ``DecoderLM.embed_inputs`` itself.
     """
     c = config
     model = model_lib.bind(c, params)
     tokens, positions, segments = batch["tokens"], batch["positions"], batch["segment_ids"]
     weight = (segments > 0).astype(jnp.float32)  # padding (segment 0) is not data
-    x, cos, sin, _ = model._embed(tokens, positions, segments)
+    x, cos, sin, _ = model.embed_inputs(tokens, positions, segments)
     graphdef, state = nnx.split(model.layers)
     windows = model_lib.layer_windows(c)
-    # which rope table each layer takes (Gemma 3's sliding layers have their own)
-    kinds = (windows < model_lib.NO_WINDOW).astype(jnp.int32) * (cos.shape[0] - 1)
+    kinds = model_lib.rope_kinds(windows, cos.shape[0])
 
     def layer(x, scanned):
         layer_state, window, kind = scanned
