@@ -121,6 +121,7 @@ def test_readme_layout_names_every_folder():
 # import its own layer and the layers before it, never a later one.
 LAYERS = (
     "errors",
+    "lazy",
     "config",
     "model",
     "sharding",

@@ -6,10 +6,8 @@ from __future__ import annotations
 import re
 import sys
 
-import jax
-
 from dem_jax.errors import DemError
-from dem_jax.sharding.rules import MESH_AXES, make_mesh
+from dem_jax.lazy import process_count
 
 _SIZE_UNITS = {
     "": 1,
@@ -53,8 +51,12 @@ def parse_mesh(text: str | None):
     processes an fsdp mesh over all devices, since the default device is one
     that the other processes cannot address.
     """
+    if not text and process_count() == 1:
+        return None
+    from dem_jax.sharding.rules import MESH_AXES, make_mesh  # JAX, only for a mesh
+
     if not text:
-        return make_mesh() if jax.process_count() > 1 else None
+        return make_mesh()
 
     sizes = {}
     for part in text.split(","):

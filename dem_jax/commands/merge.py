@@ -45,6 +45,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
             max_shard_bytes=max_shard_bytes,
             copy_tokenizer=args.copy_tokenizer,
             allow_crimes=args.allow_crimes,
+            engine=args.engine,
         )
     if not args.quiet:
         print(f"wrote {out} ({time.perf_counter() - start:.1f}s)", file=sys.stderr)
@@ -65,6 +66,14 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--mesh",
         help="merge (and compute fisher/regmean statistics) on a device mesh, e.g. fsdp=2,tensor=4",
+    )
+    p.add_argument(
+        "--engine",
+        choices=["auto", "host", "jax"],
+        default="auto",
+        help="host: NumPy on this CPU, without JAX (Hugging Face in and out, no --mesh, "
+        "one process; linear, task_arithmetic, dem, ties, breadcrumbs(_ties), slerp, "
+        "model_stock); jax: the sharded JAX engine; auto (default): host where it can",
     )
     p.add_argument(
         "--in-memory",

@@ -39,12 +39,11 @@ import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
-import jax
 import numpy as np
-from jax.experimental import multihost_utils
 
 from dem_jax.errors import DemError
 from dem_jax.io import storage
+from dem_jax.lazy import process_count, process_index
 
 # Files that mark a directory as a model dem-jax may replace (dem-jax's own
 # metadata file, or a Hugging Face config beside safetensors weights).
@@ -151,8 +150,8 @@ def atomic_directory(
     creates and moves, and the temporary name is shared.
     """
     dst = storage.path(dst)
-    multi = jax.process_count() > 1
-    main = jax.process_index() == 0
+    multi = process_count() > 1
+    main = process_index() == 0
     with contextlib.ExitStack() as stack:
         error = ""
         if main:
@@ -189,6 +188,8 @@ def _shared_suffix(multi: bool, error: str) -> str | None:
     refused the output (then every process raises, instead of waiting forever)."""
     value = -1 if error else int(uuid.uuid4().int % 2**31)
     if multi:
+        from jax.experimental import multihost_utils
+
         value = int(multihost_utils.broadcast_one_to_all(np.int32(value)))
     return None if value < 0 else f"{value:08x}"
 
@@ -307,4 +308,6 @@ def _move_into_place(tmp: Any, dst: Any) -> None:
 
 def _barrier(multi: bool, name: str) -> None:
     if multi:
+        from jax.experimental import multihost_utils
+
         multihost_utils.sync_global_devices(name)

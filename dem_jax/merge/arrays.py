@@ -9,13 +9,12 @@
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from dem_jax.errors import DemError
+from dem_jax.lazy import jax, jnp
 
-F32 = jnp.float32
+F32 = np.float32  # the dtype (jnp.float32 is the same dtype, and would import JAX)
 
 
 def f32(x) -> jax.Array:

@@ -47,7 +47,7 @@ from dem_jax.io.hf.weights import TensorMap, tensor_maps
 from dem_jax.io.modeldir import Model
 from dem_jax.io.tree import get_leaf, set_leaf
 from dem_jax.merge.arrays import F32
-from dem_jax.merge.method import Leaf, MergeMethod
+from dem_jax.merge.method import Leaf, MergeMethod, check_input_count
 from dem_jax.merge.noise import draw_uniform, leaf_key, noise_shape
 from dem_jax.merge.params import (
     LeafValues,
@@ -178,21 +178,6 @@ def run_leaf(
         draw = noise_shape(method, len(inputs), shape[depth:], math.prod(shape[:depth]))
         noise = draw_uniform(key, draw, sharding, depth)
     return _run_job(base, inputs, noise, dynamic, job)
-
-
-def check_input_count(m: MergeMethod, n: int, has_base: bool, where: str = "") -> None:
-    """DemError unless ``m`` takes ``n`` inputs (besides the base) and a base is given
-    where it needs one; ``where`` (e.g. ``slices[1]: ``) starts the message."""
-    if m.base == "required" and not has_base:
-        raise DemError(f"{where}merge_method {m.name} needs a base model")
-    if n < m.min_models or (m.max_models is not None and n > m.max_models):
-        want = m.min_models if m.max_models == m.min_models else f"at least {m.min_models}"
-        if m.max_models is not None and n > m.max_models:
-            want = m.max_models if m.max_models == m.min_models else f"at most {m.max_models}"
-        which = {"optional": " counting the base model", "ignored": ""}.get(
-            m.base, " besides the base"
-        )
-        raise DemError(f"{where}merge_method {m.name} needs {want} model(s){which}, got {n}")
 
 
 def merge_tree(

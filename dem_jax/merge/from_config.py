@@ -1,6 +1,8 @@
 """``dem-jax merge MERGE.yaml``: a parsed mergekit configuration run into an output
-directory, by the leaf-by-leaf engine or, for methods that read data, by
-:mod:`dem_jax.merge.with_data`."""
+directory: on the host executor (:mod:`dem_jax.merge.host`, NumPy) where it can, else
+by the leaf-by-leaf JAX engine or, for methods that read data,
+:mod:`dem_jax.merge.with_data`. The JAX modules are imported only for the latter
+two (see :mod:`dem_jax.lazy`)."""
 
 from __future__ import annotations
 
@@ -9,21 +11,21 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-
-from jax.sharding import Mesh
+from typing import TYPE_CHECKING
 
 from dem_jax.errors import DemError
 from dem_jax.io import storage
 from dem_jax.io.assets import has_tokenizer, stage_assets
-from dem_jax.io.hf.checkpoint import DEFAULT_MAX_SHARD_BYTES
-from dem_jax.io.outputs import check_disjoint
-from dem_jax.merge.engine import MergeInput
-from dem_jax.merge.output import check_output, merge_to_directory, write_plan
+from dem_jax.io.hf.directory import DEFAULT_MAX_SHARD_BYTES
+from dem_jax.io.outputs import check_disjoint, check_writable
+from dem_jax.merge.host import ENGINES, run_host
 from dem_jax.merge.registry import get_method
 from dem_jax.merge.request import MergeRequest, check_layer_ranges, load_merge_config
-from dem_jax.merge.slices import LayerSource, MergeSlice, SlicePlan
-from dem_jax.merge.with_data import merge_with_data
-from dem_jax.vectors.store import is_vector_dir
+
+if TYPE_CHECKING:
+    from jax.sharding import Mesh
+
+    from dem_jax.merge.slices import MergeSlice
 
 
 def merge_from_config(
@@ -38,6 +40,7 @@ def merge_from_config(
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     copy_tokenizer: bool = True,
     allow_crimes: bool = False,
+    engine: str = "auto",
 ) -> Path:
     """Run a mergekit MERGE.yaml (see :mod:`dem_jax.merge.request`) into ``out``.
 
@@ -46,18 +49,46 @@ def merge_from_config(
     apply). mergekit's options: ``copy_tokenizer`` False leaves the tokenizer out
     unless ``tokenizer_source`` names one (the generation config stays);
     ``allow_crimes`` merges models of different architectures whose tensors all agree.
+    ``engine``: ``"auto"`` (the host executor where it can, else JAX), ``"host"`` (an
+    error where it cannot) or ``"jax"``.
     """
+    if engine not in ENGINES:
+        raise DemError(f"--engine: must be one of {', '.join(ENGINES)}, got {engine!r}")
     req = config if isinstance(config, MergeRequest) else load_merge_config(config)
     check_disjoint(out, req.input_paths(), "--out")
-    check_output(out, format, overwrite)
+    if format not in ("orbax", "hf"):
+        raise DemError(f"--format: must be 'hf' or 'orbax', got {format!r}")
+    check_writable(out, overwrite)
     if seed is not None and seed < 0:
         raise DemError(f"--seed: expected a non-negative integer, got {seed}")
-    inputs = [
-        MergeInput(p, s, str(p)) for p, s in zip(req.models, req.model_parameters, strict=True)
-    ]
+    seed = req.seed if seed is None else seed
     try:
         check_layer_ranges(req)
         with output_assets(req, copy_tokenizer) as assets_dir:
+            done = run_host(
+                req,
+                out,
+                engine=engine,
+                format=format,
+                mesh=mesh,
+                seed=seed,
+                overwrite=overwrite,
+                max_shard_bytes=max_shard_bytes,
+                assets_dir=assets_dir,
+                config_yaml=merge_yaml_text(req),
+            )
+            if done is not None:
+                return done
+            # the JAX engine (imported here: the host executor never needs it)
+            from dem_jax.merge.engine import MergeInput
+            from dem_jax.merge.output import merge_to_directory, write_plan
+            from dem_jax.merge.slices import SlicePlan
+            from dem_jax.merge.with_data import merge_with_data
+
+            inputs = [
+                MergeInput(p, s, str(p))
+                for p, s in zip(req.models, req.model_parameters, strict=True)
+            ]
             if get_method(req.method).data:
                 return merge_with_data(
                     req,
@@ -76,7 +107,7 @@ def merge_from_config(
                     slice_specs(req),
                     base=req.base,
                     parameters=req.parameters,
-                    seed=req.seed if seed is None else seed,
+                    seed=seed,
                     mesh=mesh,
                     dtype=req.dtype,
                     out_dtype=req.out_dtype,
@@ -103,7 +134,7 @@ def merge_from_config(
                 max_shard_bytes=max_shard_bytes,
                 streaming=streaming,
                 parameters=req.parameters,
-                seed=req.seed if seed is None else seed,
+                seed=seed,
                 mesh=mesh,
                 dtype=req.dtype,
                 out_dtype=req.out_dtype,
@@ -118,6 +149,8 @@ def merge_from_config(
 
 def slice_specs(req: MergeRequest) -> list[MergeSlice]:
     """The request's ``slices:`` as the slice engine takes them."""
+    from dem_jax.merge.slices import LayerSource, MergeSlice
+
     return [
         MergeSlice(
             tuple(
@@ -137,6 +170,8 @@ def slice_specs(req: MergeRequest) -> list[MergeSlice]:
 def donor_dir(req: MergeRequest) -> Path | None:
     """Whose tokenizer and generation files the output carries: ``tokenizer_source``,
     else the base model, else the first model (vectors have none), as in mergekit."""
+    from dem_jax.vectors.store import is_vector_dir  # JAX; only without tokenizer_source
+
     if req.tokenizer_source is not None:
         return req.tokenizer_source
     candidates = [p for p in [req.base, *req.models] if p is not None]

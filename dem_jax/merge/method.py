@@ -16,20 +16,23 @@ inputs and calls the kernel; a kernel is pure ``jax.numpy`` and is traced under
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
-
-import jax
+from typing import TYPE_CHECKING, Any
 
 from dem_jax.errors import DemError, did_you_mean
+
+if TYPE_CHECKING:
+    import jax
 
 REQUIRED = object()  # marks a parameter without a default
 
 
 def is_traced_scalar(value: Any) -> bool:
     """A 0-d jax array (e.g. a weight being searched under ``jax.jit``)."""
-    return isinstance(value, jax.Array) and value.ndim == 0
+    jax = sys.modules.get("jax")  # none without JAX imported (the host executor)
+    return jax is not None and isinstance(value, jax.Array) and value.ndim == 0
 
 
 @dataclass(frozen=True)
@@ -163,3 +166,18 @@ class DataMergeMethod(MergeMethod):
         """float32 merge of ``params_list`` (on ``mesh``), model i's statistics taken on
         ``batches[i]``; ``per_model`` / ``shared`` are the resolved parameters."""
         raise NotImplementedError
+
+
+def check_input_count(m: MergeMethod, n: int, has_base: bool, where: str = "") -> None:
+    """DemError unless ``m`` takes ``n`` inputs (besides the base) and a base is given
+    where it needs one; ``where`` (e.g. ``slices[1]: ``) starts the message."""
+    if m.base == "required" and not has_base:
+        raise DemError(f"{where}merge_method {m.name} needs a base model")
+    if n < m.min_models or (m.max_models is not None and n > m.max_models):
+        want = m.min_models if m.max_models == m.min_models else f"at least {m.min_models}"
+        if m.max_models is not None and n > m.max_models:
+            want = m.max_models if m.max_models == m.min_models else f"at most {m.max_models}"
+        which = {"optional": " counting the base model", "ignored": ""}.get(
+            m.base, " besides the base"
+        )
+        raise DemError(f"{where}merge_method {m.name} needs {want} model(s){which}, got {n}")

@@ -22,18 +22,19 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import jax.numpy as jnp
 import numpy as np
 
 from dem_jax.errors import DemError
-from dem_jax.io.hf.weights import TensorMap
-from dem_jax.merge.arrays import F32
+from dem_jax.lazy import jnp
 from dem_jax.merge.method import REQUIRED, MergeMethod, ParamSpec, is_traced_scalar
-from dem_jax.merge.tensor_layout import layer_names_and_ts
+
+if TYPE_CHECKING:
+    from dem_jax.io.hf.weights import TensorMap
 
 Settings = Mapping[str, Any]
+F32 = np.float32
 
 
 def _is_scalar(value: Any) -> bool:
@@ -212,6 +213,8 @@ def resolve_leaf(
     num_experts: int = 0,
 ) -> LeafValues:
     """Every parameter of ``method`` for every model and layer of one leaf."""
+    from dem_jax.merge.tensor_layout import layer_names_and_ts  # imports the model (JAX)
+
     names, ts = layer_names_and_ts(tmap, num_layers, num_experts)
     return resolve_values(method, names, ts, chain, model_settings, labels)
 

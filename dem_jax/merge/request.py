@@ -44,12 +44,10 @@ from dem_jax.config.merge import DataOptions, MergeConfig, ModelEntry, OutputSli
 from dem_jax.errors import DemError
 from dem_jax.io import storage
 from dem_jax.io.modeldir import HF_CONFIG, model_format
-from dem_jax.io.orbax import read_metadata
 from dem_jax.merge.chat_template import resolve_chat_template
 from dem_jax.merge.method import MergeMethod
 from dem_jax.merge.params import check_parameters, check_scalar_settings
 from dem_jax.merge.registry import DATA_METHODS, get_method
-from dem_jax.vectors.store import is_vector_dir, vector_config
 
 DATA_KEYS = tuple(f.name for f in dataclasses.fields(DataOptions))
 
@@ -326,6 +324,10 @@ def _request(cfg: MergeConfig, data: dict[str, Any], path: Path) -> MergeRequest
 
 def _num_layers(path: Path) -> int:
     """Decoder depth of a model or vector directory, from its config alone."""
+    # Orbax and vectors import JAX: only for those inputs (see dem_jax.lazy).
+    from dem_jax.io.orbax import read_metadata
+    from dem_jax.vectors.store import is_vector_dir, vector_config
+
     if is_vector_dir(path):
         return vector_config(path).num_layers
     if model_format(path) == "orbax":

@@ -55,11 +55,10 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from dem_jax.errors import DemError
+from dem_jax.lazy import jax, jnp
 from dem_jax.merge.arrays import F32, bcast, f32, per_model, stacked
 
 Rescale = bool | Literal["l1", "l2", "linf"] | None

@@ -7,10 +7,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import jax
-import jax.numpy as jnp
-
 from dem_jax.io.hf.weights import TensorMap, tensor_names
+from dem_jax.lazy import jax, jnp
 
 
 @dataclass(frozen=True)

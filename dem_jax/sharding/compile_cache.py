@@ -14,9 +14,8 @@ JAX itself (``JAX_COMPILATION_CACHE_DIR``) is left as it is.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
-
-import jax
 
 MAX_BYTES = 4 * 2**30  # least recently used programs are evicted beyond this
 MIN_COMPILE_SECONDS = 0.5  # quicker compiles are not worth a file
@@ -31,14 +30,25 @@ def enable_compilation_cache() -> Path | None:
     """Point JAX's persistent compilation cache at dem-jax's; the directory, or None
     when it is off or JAX's own setting is in force."""
     setting = os.environ.get("DEM_JAX_COMPILE_CACHE", "")
-    if setting == "0" or jax.config.jax_compilation_cache_dir:
+    jax = sys.modules.get("jax")  # not imported yet: JAX reads the settings from the environment
+    own = (
+        jax.config.jax_compilation_cache_dir if jax else os.environ.get("JAX_COMPILATION_CACHE_DIR")
+    )
+    if setting == "0" or own:
         return None
     directory = Path(setting) if setting else cache_root() / "xla"
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError:
         return None  # a read-only home: compile every time, as without a cache
-    jax.config.update("jax_compilation_cache_dir", str(directory))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
-    jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
+    settings = {
+        "jax_compilation_cache_dir": str(directory),
+        "jax_persistent_cache_min_compile_time_secs": MIN_COMPILE_SECONDS,
+        "jax_compilation_cache_max_size": MAX_BYTES,
+    }
+    for name, value in settings.items():
+        if jax is not None:
+            jax.config.update(name, value)
+        else:  # a command that never imports JAX (a host merge) pays nothing here
+            os.environ[name.upper()] = str(value)
     return directory

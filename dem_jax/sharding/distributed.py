@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import os
 
-import jax
-
 from dem_jax.errors import DemError
+from dem_jax.lazy import jax, process_index
 
 _initialized = False
 
@@ -42,4 +41,4 @@ def initialize_from_env() -> None:
 
 def is_main_process() -> bool:
     """True on the process that writes reports, logs and final directories."""
-    return jax.process_index() == 0
+    return process_index() == 0

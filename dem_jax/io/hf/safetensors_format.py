@@ -18,34 +18,61 @@ directories; :mod:`dem_jax.io.hf.safetensors_writer` writes them.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 
 from dem_jax.errors import DemError
 
 # Every dtype is pinned to little-endian, as the format requires, so a memmap
 # view of the file reads correct values whatever the host byte order.
-DTYPES: dict[str, np.dtype] = {
-    "F64": np.dtype("<f8"),
-    "F32": np.dtype("<f4"),
-    "F16": np.dtype("<f2"),
-    "BF16": np.dtype(ml_dtypes.bfloat16),
-    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
-    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
-    "I64": np.dtype("<i8"),
-    "I32": np.dtype("<i4"),
-    "I16": np.dtype("<i2"),
-    "I8": np.dtype("i1"),
-    "U64": np.dtype("<u8"),
-    "U32": np.dtype("<u4"),
-    "U16": np.dtype("<u2"),
-    "U8": np.dtype("u1"),
-    "BOOL": np.dtype(np.bool_),
+_NUMPY_DTYPES = {
+    "F64": "<f8",
+    "F32": "<f4",
+    "F16": "<f2",
+    "I64": "<i8",
+    "I32": "<i4",
+    "I16": "<i2",
+    "I8": "i1",
+    "U64": "<u8",
+    "U32": "<u4",
+    "U16": "<u2",
+    "U8": "u1",
+    "BOOL": "?",
 }
+# ml_dtypes' types by name: importing ml_dtypes costs 0.6 s, so only when one is used.
+_ML_DTYPES = {"BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+ITEMSIZE = {
+    **{code: np.dtype(d).itemsize for code, d in _NUMPY_DTYPES.items()},
+    "BF16": 2,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+}
+_ORDER = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2", *list(_NUMPY_DTYPES)[3:])
 
-_CODES: dict[np.dtype, str] = {dtype: code for code, dtype in DTYPES.items()}
+
+class _DtypeTable(Mapping[str, np.dtype]):
+    """Safetensors code -> numpy dtype (ml_dtypes for bfloat16 and float8, imported on
+    first use)."""
+
+    def __getitem__(self, code: str) -> np.dtype:
+        if code in _ML_DTYPES:
+            import ml_dtypes
+
+            return np.dtype(getattr(ml_dtypes, _ML_DTYPES[code]))
+        return np.dtype(_NUMPY_DTYPES[code])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(_ORDER)
+
+    def __len__(self) -> int:
+        return len(_ORDER)
+
+
+DTYPES: Mapping[str, np.dtype] = _DtypeTable()
+_CODES: dict[np.dtype, str] = {np.dtype(d): code for code, d in _NUMPY_DTYPES.items()}
+_ML_CODES = {name: code for code, name in _ML_DTYPES.items()}
 
 SINGLE_FILE_NAME = "model.safetensors"
 INDEX_FILE_NAME = "model.safetensors.index.json"
@@ -64,7 +91,7 @@ def dtype_code(dtype: Any) -> str:
         raise DemError(f"dtype {dtype!r} is not a numpy dtype: {exc}") from None
     if dt.byteorder == ">":
         dt = dt.newbyteorder("<")
-    code = _CODES.get(dt)
+    code = _CODES.get(dt) or (_ML_CODES.get(dt.name) if dt.type.__module__ == "ml_dtypes" else None)
     if code is None:
         supported = ", ".join(str(d) for d in DTYPES.values())
         raise DemError(f"dtype {dt} cannot be stored in safetensors (supported: {supported})")

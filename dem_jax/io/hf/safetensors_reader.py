@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,13 @@ import numpy as np
 
 from dem_jax.errors import DemError
 from dem_jax.io import storage
-from dem_jax.io.hf.safetensors_format import DTYPES, INDEX_FILE_NAME, SINGLE_FILE_NAME, is_int
+from dem_jax.io.hf.safetensors_format import (
+    DTYPES,
+    INDEX_FILE_NAME,
+    ITEMSIZE,
+    SINGLE_FILE_NAME,
+    is_int,
+)
 
 # The official implementation refuses larger headers; a bigger value means the
 # file is not safetensors (e.g. a renamed pickle) and we must not read gigabytes
@@ -33,10 +40,14 @@ MAX_HEADER_BYTES = 100_000_000
 class _TensorInfo:
     """Where one tensor lives inside a file's data section."""
 
-    dtype: np.dtype
+    code: str  # the safetensors dtype code
     shape: tuple[int, ...]
     begin: int
     end: int
+
+    @property
+    def dtype(self) -> np.dtype:
+        return DTYPES[self.code]
 
 
 def _reject_duplicate_keys(path: Path) -> Any:
@@ -56,10 +67,10 @@ def _reject_duplicate_keys(path: Path) -> Any:
 class SafetensorsFile:
     """One ``.safetensors`` file: header parsed eagerly, tensor bytes read on demand.
 
-    Tensor data is reached through a single read-only ``np.memmap`` opened on the
-    first :meth:`read` and reused, so reading a slice touches only the pages
-    that hold it. Every read returns an owned copy, so nothing handed out keeps
-    the mapping alive or changes if the file does.
+    A whole tensor is read with ``pread`` into a new array; a block of one through a
+    single read-only ``np.memmap`` opened on the first block read and reused, so
+    reading a slice touches only the pages that hold it. Every read returns an owned
+    copy, so nothing handed out keeps the mapping alive or changes if the file does.
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
@@ -68,6 +79,8 @@ class SafetensorsFile:
         self.metadata: dict[str, str] = {}
         self._tensors: dict[str, _TensorInfo] = {}
         self._mm: np.memmap | None = None
+        self._fd: int | None = None
+        self._lock = threading.Lock()
         self._parse_header()
 
     def _parse_header(self) -> None:
@@ -143,7 +156,6 @@ class SafetensorsFile:
         code = entry["dtype"]
         if code not in DTYPES:
             raise DemError(f"{where}: unsupported dtype {code!r} (supported: {', '.join(DTYPES)})")
-        dtype = DTYPES[code]
         shape = entry["shape"]
         if not isinstance(shape, list) or not all(is_int(d) and d >= 0 for d in shape):
             raise DemError(f"{where}: shape {shape!r} is not a list of non-negative integers")
@@ -160,13 +172,13 @@ class SafetensorsFile:
                 f"{where}: data_offsets [{begin}, {end}] fall outside the {data_size}-byte "
                 "data section (file truncated or header corrupt)"
             )
-        expected = math.prod(shape) * dtype.itemsize
+        expected = math.prod(shape) * ITEMSIZE[code]
         if end - begin != expected:
             raise DemError(
                 f"{where}: data_offsets span {end - begin} bytes but {code} shape {shape} "
                 f"needs {expected}"
             )
-        return _TensorInfo(dtype=dtype, shape=tuple(shape), begin=begin, end=end)
+        return _TensorInfo(code=code, shape=tuple(shape), begin=begin, end=end)
 
     def _info(self, name: str) -> _TensorInfo:
         try:
@@ -198,19 +210,31 @@ class SafetensorsFile:
         """numpy dtype of tensor ``name`` (ml_dtypes for bfloat16 / float8)."""
         return self._info(name).dtype
 
+    def code(self, name: str) -> str:
+        """The safetensors dtype code of tensor ``name`` (``"BF16"``...)."""
+        return self._info(name).code
+
     def nbytes(self, name: str) -> int:
         """Size in bytes of tensor ``name``'s data."""
         info = self._info(name)
         return info.end - info.begin
 
-    def read(self, name: str, index: tuple[slice, ...] | None = None) -> np.ndarray:
+    def read(
+        self, name: str, index: tuple[slice, ...] | None = None, *, raw: bool = False
+    ) -> np.ndarray:
         """Read tensor ``name``, or the sub-block ``index`` of it, as an owned C-contiguous array.
 
         ``index`` is ``None`` for the whole tensor or a tuple of step-1 slices
         (at most one per axis; missing trailing axes are taken whole), with
         numpy's slicing semantics. Only the bytes the block covers are read.
+        ``raw``: the whole tensor's bytes as unsigned integers of its item size
+        (bfloat16 as uint16, without ml_dtypes).
         """
         info = self._info(name)
+        if raw and index is not None:
+            raise DemError(f"{self.path}: tensor {name!r}: a raw read takes the whole tensor")
+        if raw or (index is None and not storage.is_url(self.path)):
+            return self._read_whole(info, raw)
         if index is not None:
             index = self._check_index(name, index, info.shape)
         if info.end == info.begin:
@@ -226,6 +250,28 @@ class SafetensorsFile:
         # np.array(copy=True) gives a plain ndarray that owns its data: callers may
         # keep or mutate it without pinning or aliasing the mapping.
         return np.array(block, copy=True, order="C")
+
+    def _read_whole(self, info: _TensorInfo, raw: bool) -> np.ndarray:
+        """A whole tensor read into a new array (``pread``: no mapping, so reading
+        a model tensor by tensor does not leave it resident in this process)."""
+        dtype = np.dtype(f"<u{ITEMSIZE[info.code]}") if raw else info.dtype
+        if storage.is_url(self.path):
+            return self._read_remote(info, None).view(dtype)
+        out = np.empty(info.shape, dtype)
+        with self._lock:  # the host merge executor reads from several threads
+            if self._fd is None:
+                try:
+                    self._fd = os.open(self.path, os.O_RDONLY)
+                except OSError as exc:
+                    raise DemError(f"{self.path}: cannot open file: {exc}") from None
+        view = memoryview(out.reshape(-1).view(np.uint8))
+        done, start = 0, self._data_start + info.begin
+        while done < len(view):  # pread may return fewer bytes than asked
+            n = os.preadv(self._fd, [view[done:]], start + done)
+            if n <= 0:
+                raise DemError(f"{self.path}: file ends inside tensor data (truncated?)")
+            done += n
+        return out
 
     def _read_remote(self, info: _TensorInfo, index: tuple[slice, ...] | None) -> np.ndarray:
         """Object stores have no memory map: fetch only the rows the block covers."""
@@ -275,6 +321,9 @@ class SafetensorsFile:
         # Reads return copies, so no array of ours references the mapping and
         # dropping the last reference unmaps it.
         self._mm = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
     def __enter__(self) -> SafetensorsFile:
         """Use as a context manager that closes the file on exit."""
@@ -414,9 +463,15 @@ class SafetensorsCheckpoint:
         """Size in bytes of tensor ``name``'s data."""
         return self._file(name).nbytes(name)
 
-    def read(self, name: str, index: tuple[slice, ...] | None = None) -> np.ndarray:
+    def read(
+        self, name: str, index: tuple[slice, ...] | None = None, *, raw: bool = False
+    ) -> np.ndarray:
         """Read tensor ``name`` (or a block of it); see :meth:`SafetensorsFile.read`."""
-        return self._file(name).read(name, index)
+        return self._file(name).read(name, index, raw=raw)
+
+    def code(self, name: str) -> str:
+        """The safetensors dtype code of tensor ``name``."""
+        return self._file(name).code(name)
 
     def close(self) -> None:
         """Close every file's memory map."""

@@ -15,15 +15,16 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import jax
 import numpy as np
-from jax.experimental import multihost_utils
 
 from dem_jax.config.model import ModelConfig
 from dem_jax.errors import DemError
 from dem_jax.io.hf.safetensors_reader import SafetensorsCheckpoint
 from dem_jax.io.hf.safetensors_writer import TensorSpec
-from dem_jax.model.transformer import param_shapes
+from dem_jax.lazy import LazyModule, jax
+
+# the model's shapes (flax) only when a checkpoint is read or written
+transformer = LazyModule("dem_jax.model.transformer")
 
 # Tensors some checkpoints carry that hold no learned weights.
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
@@ -203,7 +204,7 @@ def per_tensor(leaf, tmap: TensorMap):
 
 def check_checkpoint(ckpt: SafetensorsCheckpoint, config: ModelConfig, where: str) -> None:
     """Every expected tensor present with the expected shape, and nothing unexpected."""
-    shapes = param_shapes(config)
+    shapes = transformer.param_shapes(config)
     expected: set[str] = set()
     for tmap in tensor_maps(config):
         hf_shape = _hf_shape(tmap, _layer_shape(tmap, _get(shapes, tmap.path).shape))
@@ -258,7 +259,7 @@ def read_params(
     ckpt: SafetensorsCheckpoint, config: ModelConfig, shardings: dict[str, Any]
 ) -> dict[str, Any]:
     """Load every parameter onto its sharding, cast to ``config.param_dtype``."""
-    shapes = param_shapes(config)
+    shapes = transformer.param_shapes(config)
     params: dict[str, Any] = {}
     for tmap in tensor_maps(config):
         spec = _get(shapes, tmap.path)
@@ -285,7 +286,7 @@ def read_params(
 
 def hf_tensor_specs(config: ModelConfig, dtype: np.dtype) -> list[TensorSpec]:
     """Name, shape and dtype of every exported tensor, in export order."""
-    shapes = param_shapes(config)
+    shapes = transformer.param_shapes(config)
     specs = []
     for tmap in tensor_maps(config):
         hf_shape = _hf_shape(tmap, _layer_shape(tmap, _get(shapes, tmap.path).shape))
@@ -296,6 +297,8 @@ def hf_tensor_specs(config: ModelConfig, dtype: np.dtype) -> list[TensorSpec]:
 def _to_host(array: jax.Array) -> np.ndarray:
     """The whole array on this host, also when it is sharded across processes."""
     if not array.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
         return np.asarray(multihost_utils.process_allgather(array, tiled=True))
     return np.asarray(jax.device_get(array))
 

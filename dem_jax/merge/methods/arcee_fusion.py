@@ -8,10 +8,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
+from dem_jax.lazy import jax, jnp
 from dem_jax.merge.arrays import f32
 from dem_jax.merge.method import Leaf, MergeMethod
 from dem_jax.merge.tensor_layout import from_hf, to_hf

@@ -35,23 +35,20 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
-
-import jax
-import jax.numpy as jnp
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from typing import TYPE_CHECKING, Any
 
 from dem_jax.errors import DemError
+from dem_jax.lazy import LazyModule, jax, jnp, lazy_jit
 from dem_jax.merge.method import DataMergeMethod, ParamSpec, weight
-from dem_jax.model.losses import masked_nll_sum
-from dem_jax.model.transformer import apply
-from dem_jax.sharding.placement import (
-    check_batch_size,
-    data_parallel_size,
-    place_batch,
-    place_params,
-)
-from dem_jax.sharding.rules import param_shardings
+
+# the model and shardings only when statistics are computed
+losses = LazyModule("dem_jax.model.losses")
+transformer = LazyModule("dem_jax.model.transformer")
+placement = LazyModule("dem_jax.sharding.placement")
+rules = LazyModule("dem_jax.sharding.rules")
+
+if TYPE_CHECKING:
+    from jax.sharding import Mesh
 
 # Matena & Raffel's released code floors every Fisher at 1e-6 (``fisher_floor``).
 DEFAULT_FISHER_FLOOR = 1e-6
@@ -59,14 +56,14 @@ DEFAULT_FISHER_FLOOR = 1e-6
 
 def _row_loglik(params, config, row):
     """log p(y | x) of one row's loss tokens (a scalar)."""
-    logits = apply(
+    logits = transformer.apply(
         params,
         config,
         row["tokens"][None],
         positions=row["positions"][None],
         segment_ids=row["segment_ids"][None],
     )
-    nll, _ = masked_nll_sum(logits, row["targets"][None], row["loss_mask"][None])
+    nll, _ = losses.masked_nll_sum(logits, row["targets"][None], row["loss_mask"][None])
     return -nll
 
 
@@ -104,7 +101,10 @@ def _fisher_fn(config, rows_per_step: int, mesh: Mesh | None):
     fn = functools.partial(_fisher_batch, config=config, rows_per_step=rows_per_step)
     if mesh is None:
         return jax.jit(fn)
-    out = (param_shardings(config, mesh), NamedSharding(mesh, PartitionSpec()))
+    out = (
+        rules.param_shardings(config, mesh),
+        jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
+    )
     return jax.jit(fn, out_shardings=out)
 
 
@@ -133,17 +133,17 @@ def diagonal_fisher(
     """
 
     if rows_per_step is None:
-        rows_per_step = data_parallel_size(mesh)
+        rows_per_step = placement.data_parallel_size(mesh)
     fn = _fisher_fn(config, rows_per_step, mesh)
-    params = place_params(params, config, mesh)
+    params = placement.place_params(params, config, mesh)
     total, count = None, 0.0
     for batch in batches:
         b = len(batch["tokens"])
         if mesh is not None:
-            check_batch_size(b, mesh, "batch size")
+            placement.check_batch_size(b, mesh, "batch size")
         if rows_per_step < 1 or b % rows_per_step:
             raise DemError(f"rows_per_step ({rows_per_step}) must divide the batch size ({b})")
-        part, n = fn(params, batch=place_batch(batch, mesh))
+        part, n = fn(params, batch=placement.place_batch(batch, mesh))
         # Sums stay on the device (no sync per batch), so batch b+1 is queued while b runs.
         total = part if total is None else jax.tree.map(jnp.add, total, part)
         count = count + n
@@ -152,7 +152,7 @@ def diagonal_fisher(
     return jax.tree.map(lambda t: t / count, total)
 
 
-@jax.jit
+@lazy_jit
 def _fisher_merge_leaf(thetas, fishers, weights, floor):
     num = jnp.zeros(thetas[0].shape, jnp.float32)
     den = jnp.zeros(thetas[0].shape, jnp.float32)

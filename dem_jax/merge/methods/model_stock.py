@@ -8,10 +8,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import jax
-import jax.numpy as jnp
-
 from dem_jax.errors import DemError
+from dem_jax.lazy import jax, jnp
 from dem_jax.merge.arrays import f32, stacked, sum0
 from dem_jax.merge.method import Leaf, MergeMethod, ParamSpec
 from dem_jax.merge.tensor_layout import from_hf, to_hf

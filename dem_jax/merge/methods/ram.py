@@ -14,9 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import jax
-import jax.numpy as jnp
-
+from dem_jax.lazy import jax, jnp
 from dem_jax.merge.arrays import F32, bcast, f32, stacked, sum0
 from dem_jax.merge.method import Leaf, MergeMethod, ParamSpec
 

@@ -44,22 +44,24 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
-
-import jax
-import jax.numpy as jnp
-from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from typing import TYPE_CHECKING, Any
 
 from dem_jax.errors import DemError
+from dem_jax.lazy import LazyModule, jax, jnp, lazy_jit
 from dem_jax.merge.method import DataMergeMethod, ParamSpec
-from dem_jax.model import transformer as model_lib
-from dem_jax.sharding.placement import check_batch_size, place_batch, place_params
-from dem_jax.sharding.rules import tree_shardings
+
+# the model, flax and shardings only when statistics are computed
+model_lib = LazyModule("dem_jax.model.transformer")
+nnx = LazyModule("flax.nnx")
+placement = LazyModule("dem_jax.sharding.placement")
+rules = LazyModule("dem_jax.sharding.rules")
+
+if TYPE_CHECKING:
+    from jax.sharding import Mesh, NamedSharding
 
 DEFAULT_ALPHA = 0.9  # the paper's off-diagonal scale
 DEFAULT_RIDGE = 1e-6  # relative to the Gram diagonal
-_HI = jax.lax.Precision.HIGHEST  # no TF32/bf16 passes for Gram sums and solves
+_HI = "highest"  # no TF32/bf16 passes for Gram sums and solves
 
 # Parameter path (without the trailing "kernel") -> Gram key of its input.
 LINEAR_INPUTS: dict[tuple[str, ...], str] = {
@@ -156,7 +158,7 @@ def gram_shardings(config, mesh: Mesh) -> dict[str, NamedSharding]:
     if not c.tie_embeddings:
         shapes["final"] = (d, d)
     structs = {k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in shapes.items()}
-    return tree_shardings({k: GRAM_AXES[k] for k in structs}, structs, mesh)
+    return rules.tree_shardings({k: GRAM_AXES[k] for k in structs}, structs, mesh)
 
 
 @functools.lru_cache(maxsize=16)
@@ -190,12 +192,12 @@ def gram_matrices(
         # an expert's input Gram would count only the tokens routed to it
         raise DemError("regmean: mixture-of-experts models are not supported (use fisher or ties)")
     fn = _gram_fn(config, mesh)
-    params = place_params(params, config, mesh)
+    params = placement.place_params(params, config, mesh)
     total = None
     for batch in batches:
         if mesh is not None:
-            check_batch_size(len(batch["tokens"]), mesh, "batch size")
-        part = fn(params, batch=place_batch(batch, mesh))
+            placement.check_batch_size(len(batch["tokens"]), mesh, "batch size")
+        part = fn(params, batch=placement.place_batch(batch, mesh))
         total = part if total is None else jax.tree.map(jnp.add, total, part)
     if total is None or float(total["tokens"]) == 0:
         raise DemError("gram_matrices: no tokens in the batches")
@@ -208,7 +210,7 @@ def reduce_off_diagonal(gram: jax.Array, alpha: float) -> jax.Array:
     return jnp.where(eye, gram, alpha * gram)
 
 
-@jax.jit
+@lazy_jit
 def regmean_linear(
     kernels: jax.Array, grams: jax.Array, alpha=DEFAULT_ALPHA, ridge=0.0
 ) -> jax.Array:
@@ -295,7 +297,7 @@ def _site(keys: tuple[str, ...]) -> str | None:
     return LINEAR_INPUTS.get(keys[:-1]) if keys[-1] == "kernel" else None
 
 
-@functools.partial(jax.jit, static_argnums=4)
+@lazy_jit(static_argnums=4)
 def _regmean_tree(params_list, grams, alpha, ridge, normalize):
     def scaled(g, key):
         return g[key] / g["tokens"] if normalize else g[key]

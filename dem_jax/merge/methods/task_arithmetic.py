@@ -17,10 +17,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import jax
-import jax.numpy as jnp
-
 from dem_jax.errors import DemError
+from dem_jax.lazy import jax, jnp
 from dem_jax.merge import sparsify as sp
 from dem_jax.merge.arrays import F32, bcast, f32, per_model, stacked, sum0
 from dem_jax.merge.method import Leaf, MergeMethod, ParamSpec, weight

@@ -1,0 +1,323 @@
+"""Merge math in NumPy, one Hugging Face tensor at a time, for the host executor
+(:mod:`dem_jax.merge.host`).
+
+Each function computes what the JAX kernel named in its docstring computes for one
+HF tensor: the same formulas in float32, model sums in the same order (``((x0 + x1)
++ x2)``, as :func:`dem_jax.merge.arrays.sum0`), the same counts (float64
+``int(density * numel)``) and tie rules (equal magnitudes taken in flat-index
+order). Whole-tensor reductions (L1 norms, dot products) are summed in another
+order than XLA's, so results agree to float32 rounding, not bit for bit;
+``tests/test_merge_host.py`` compares the two executors on every method here.
+
+The top-k selection is NumPy's ``partition`` (introselect, O(n)) where the JAX
+kernel runs a radix select: XLA:CPU has no fast selection and a sort shards badly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+F32 = np.float32
+_RESCALE_NORM_EPS = 1e-7  # mergekit's rescaled_masked_tensor (see dem_jax.merge.sparsify)
+
+
+# ------------------------------------------------------------------ bfloat16 bits
+
+
+def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 values (their uint16 bit patterns) as float32, exactly."""
+    return (bits.astype(np.uint32) << 16).view(F32)
+
+
+def f32_to_bf16(x: np.ndarray) -> np.ndarray:
+    """float32 rounded to bfloat16 (to nearest, ties to even; NaN stays a quiet NaN of
+    the same sign), as uint16 bit patterns: what ``x.astype(ml_dtypes.bfloat16)`` and
+    XLA's convert give, without importing ml_dtypes (0.6 s)."""
+    u = np.ascontiguousarray(x, F32).view(np.uint32)
+    rounded = ((u + (0x7FFF + ((u >> 16) & 1))) >> 16).astype(np.uint16)
+    nan = np.isnan(x)
+    if nan.any():
+        rounded[nan] = ((u[nan] >> 16) | 0x40).astype(np.uint16)
+    return rounded
+
+
+def round_to(x: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 ``x`` rounded to ``dtype`` and back (mergekit rounds inputs to the merge's
+    ``dtype`` on load)."""
+    if dtype == "float32":
+        return x
+    if dtype == "bfloat16":
+        return bf16_to_f32(f32_to_bf16(x))
+    return x.astype(np.float16).astype(F32)
+
+
+# ------------------------------------------------------------------ selection
+
+_SAMPLE_STEP = 16  # selection narrows to a band found on every 16th element first
+
+
+def kth_largest(keys: np.ndarray, k: int) -> int:
+    """The ``k``-th largest of the non-negative int32 ``keys`` (1 <= k <= n).
+
+    ``np.partition`` of the whole tensor costs ~9 ns an element. Instead a band
+    around the k-th value is read off a strided sample, the elements above it
+    counted and only the band partitioned; when the band misses (a tensor whose
+    sample misleads) the whole tensor is partitioned. The value is exact either way.
+    """
+    n = keys.size
+    if n >= 64 * _SAMPLE_STEP:
+        sample = keys[::_SAMPLE_STEP].copy()
+        m = sample.size
+        expect = k * m / n  # sample elements above the k-th value
+        margin = 4 * np.sqrt(expect) + 16
+        hi_rank = int(max(0, m - expect - margin))  # ascending ranks in the sample
+        lo_rank = int(min(m - 1, m - expect + margin))
+        sample.partition([hi_rank, lo_rank])
+        lo, hi = sample[hi_rank], sample[lo_rank]
+        above = int(np.count_nonzero(keys > hi))
+        band = keys[(keys >= lo) & (keys <= hi)]
+        if above < k <= above + band.size:
+            return int(np.partition(band, band.size - (k - above))[band.size - (k - above)])
+    return int(np.partition(keys, n - k)[n - k])
+
+
+def top_k_mask(mag: np.ndarray, k: int) -> np.ndarray:
+    """Boolean mask of the ``k`` largest entries of non-negative ``mag`` (flat), equal
+    values taken lower index first (``dem_jax.merge.sparsify.top_k_mask``)."""
+    n = mag.size
+    if k <= 0:
+        return np.zeros(mag.shape, bool)
+    if k >= n:
+        return np.ones(mag.shape, bool)
+    keys = mag.reshape(-1).view(np.int32)  # a non-negative float's bits order like it
+    v = kth_largest(keys, k)
+    return _take_ties(keys > v, keys == v, k).reshape(mag.shape)
+
+
+def bottom_k_mask(mag: np.ndarray, k: int) -> np.ndarray:
+    """Boolean mask of the ``k`` smallest entries of non-negative ``mag``, equal values
+    taken lower index first (``dem_jax.merge.sparsify._smallest``)."""
+    n = mag.size
+    if k <= 0:
+        return np.zeros(mag.shape, bool)
+    if k >= n:
+        return np.ones(mag.shape, bool)
+    keys = mag.reshape(-1).view(np.int32)
+    v = np.partition(keys, k - 1)[k - 1]
+    return _take_ties(keys < v, keys == v, k).reshape(mag.shape)
+
+
+def _take_ties(keep: np.ndarray, at: np.ndarray, k: int) -> np.ndarray:
+    """``keep`` plus the first ``k - count(keep)`` entries of ``at`` in index order."""
+    need = k - int(np.count_nonzero(keep))
+    if np.count_nonzero(at) > need:
+        at &= np.cumsum(at, dtype=np.int64) <= need
+    keep |= at
+    return keep
+
+
+def _count(frac: float, numel: int) -> int:
+    """mergekit's ``int(frac * numel)`` (Python float64)."""
+    return int(np.clip(np.trunc(frac * numel), -(2**31), 2**31 - 1))
+
+
+# ------------------------------------------------------------------ sparsifiers
+#
+# A sparsifier returns what to keep of one model's delta: None (all of it), a key
+# threshold (keep |d| >= that float, as int32 bits: no ties to break), or a mask.
+
+Keep = None | int | np.ndarray
+
+
+def magnitude_keep(d: np.ndarray, density: float) -> Keep:
+    """TIES trim of one model's delta (``sparsify_magnitude``): keep the
+    ``max(1, int(density * numel))`` largest ``|d|`` (none for density <= 0)."""
+    if density >= 1:
+        return None
+    n = d.size
+    k = max(_count(density, n), 1) if density > 0 else 0
+    if k <= 0:
+        return np.zeros(d.shape, bool)
+    if k >= n:
+        return None
+    keys = np.abs(d).reshape(-1).view(np.int32)
+    v = kth_largest(keys, k)
+    above = int(np.count_nonzero(keys > v))
+    if above + int(np.count_nonzero(keys == v)) == k:
+        return v  # every element at the threshold is kept: a plain comparison
+    return _take_ties(keys > v, keys == v, k).reshape(d.shape)
+
+
+def breadcrumbs_keep(d: np.ndarray, density: float, gamma: float) -> Keep:
+    """Model Breadcrumbs (``sparsify_breadcrumbs``): drop the ``int(gamma * n)``
+    largest and the smallest so that ``int(density * n)`` remain."""
+    if density >= 1:
+        return None
+    n = d.size
+    target, n_top = _count(density, n), _count(gamma, n)
+    n_bot = n - target - n_top
+    if n_bot < 0:
+        n_top, n_bot = n_top + n_bot, 0
+    mag = np.abs(d)
+    return bottom_k_mask(mag, n - n_top) & ~bottom_k_mask(mag, n_bot)
+
+
+def _apply(d: np.ndarray, keep: Keep) -> np.ndarray:
+    """``d`` with the entries ``keep`` drops zeroed (in place)."""
+    if keep is None:
+        return d
+    if isinstance(keep, np.ndarray):
+        return np.multiply(d, keep, out=d)
+    d[np.abs(d).view(np.int32) < keep] = 0
+    return d
+
+
+def _kept(d: np.ndarray, keep: Keep, c: slice) -> np.ndarray | None:
+    """Boolean mask of the entries of chunk ``d`` (chunk ``c`` of the delta) to keep."""
+    if keep is None or isinstance(keep, np.ndarray):
+        return None if keep is None else keep[c]
+    return (d.view(np.int32) & 0x7FFFFFFF) >= keep  # |d| >= threshold on the bits, NaN too
+
+
+def _l1_scale(d: np.ndarray, keep: Keep) -> np.float32:
+    """mergekit's ``rescaled_masked_tensor`` (L1): the factor that gives the kept
+    entries the whole delta's L1 norm (1 when either norm is < 1e-7)."""
+    before = np.abs(d).sum(dtype=F32)
+    after = np.abs(_apply(d.copy(), keep)).sum(dtype=F32)
+    if before >= _RESCALE_NORM_EPS and after >= _RESCALE_NORM_EPS:
+        return F32(before / after)
+    return F32(1)
+
+
+# ------------------------------------------------------------------ methods
+
+_CHUNK = 1 << 16  # elements per step: a step's temporaries stay in the core's L2 cache
+
+
+def task_arithmetic(
+    base: np.ndarray,
+    deltas: Sequence[np.ndarray],
+    weights: np.ndarray,
+    *,
+    keeps: Sequence[Keep] | None = None,
+    rescale: bool = False,
+    consensus: bool,
+    normalize: bool,
+    lam: float,
+) -> np.ndarray:
+    """``TaskArithmetic.kernel`` on one tensor: each delta sparsified (``keeps``, then
+    L1-rescaled with ``rescale``), weighted, then ``task_arithmetic.combine`` with the
+    ``"sum"`` sign consensus (TIES) or none; ``deltas`` are overwritten.
+
+    Per element and in the same order as the JAX kernel: ``y_i = w_i d_i``; with
+    consensus ``s = +1 if Σ y_i >= 0 else -1``, ``Δ = Σ_i [s y_i > 0] y_i`` (computed
+    as ``s Σ_i max(s y_i, 0)``, the same floats) and ``D = Σ_i [s y_i > 0] w_i``
+    (1 where 0); without, ``Δ = Σ y_i``, ``D = Σ w_i`` (1 where |D| < 1e-8); ``Δ /= D``
+    if ``normalize``; result ``base + λ Δ``. Taken in cache-sized chunks.
+    """
+    w = np.asarray(weights, np.float64).astype(F32)
+    keeps = list(keeps or [None] * len(deltas))
+    scales = [
+        _l1_scale(d, k) if rescale and k is not None else None
+        for d, k in zip(deltas, keeps, strict=True)
+    ]
+    flat_b = base.reshape(-1)
+    flat = [d.reshape(-1) for d in deltas]
+    masks = [k.reshape(-1) if isinstance(k, np.ndarray) else k for k in keeps]
+    out = np.empty_like(flat_b)
+    total_w = _sum0(list(w))
+    divisor_all = F32(1) if abs(total_w) < 1e-8 else total_w
+    # Only plain ufuncs below: NumPy's masked paths (where=, boolean indexing, np.where)
+    # cost 1-6 ns an element, a multiply by a boolean 0.3 ns.
+    for start in range(0, flat_b.size, _CHUNK):
+        c = slice(start, start + _CHUNK)
+        ys = []
+        for i, d in enumerate(flat):
+            y, keep = d[c], _kept(d[c], masks[i], c)
+            if keep is not None:
+                np.multiply(y, keep, out=y)
+            if scales[i] is not None:
+                y *= scales[i]
+            y *= w[i]
+            ys.append(y)
+        if consensus:
+            # y_i is in the mask where s y_i > 0, s the sign of the total (0 counts as +)
+            s = np.greater_equal(_sum0(ys), 0).astype(F32)
+            s *= 2
+            s -= 1
+            mixed = np.zeros_like(s)
+            divisor = np.zeros_like(s)
+            agree = np.empty(s.shape, bool)
+            for i, y in enumerate(ys):
+                t = np.multiply(y, s)
+                np.greater(t, 0, out=agree)
+                mixed += np.multiply(y, agree, out=t)
+                divisor += np.multiply(agree, w[i], out=t)
+            divisor += divisor == 0
+        else:
+            mixed, divisor = _sum0(ys), divisor_all
+        if normalize:
+            mixed /= divisor
+        mixed *= F32(lam)
+        np.add(flat_b[c], mixed, out=out[c])
+    return out.reshape(base.shape)
+
+
+def _sum0(xs: Sequence) -> np.ndarray:
+    """((x0 + x1) + x2) ..., as ``dem_jax.merge.arrays.sum0``."""
+    out = np.array(xs[0], F32, copy=True)
+    for x in xs[1:]:
+        out += x
+    return out
+
+
+def linear(models: Sequence[np.ndarray], weights: np.ndarray, normalize: bool) -> np.ndarray:
+    """``linear.linear``: ``Σ w_i θ_i``, over ``Σ w_i`` when ``normalize``."""
+    w = weights.astype(F32)
+    res = _sum0([m * w[i] for i, m in enumerate(models)])
+    if normalize:
+        res /= _sum0(list(w))
+    return res
+
+
+def slerp(a: np.ndarray, b: np.ndarray, t: float, dot_threshold: float = 0.9995, eps=1e-8):
+    """``slerp.slerp``: spherical interpolation from ``a`` (t = 0) to ``b`` (t = 1)."""
+    t = F32(t)
+    na = np.sqrt(np.dot(a.reshape(-1), a.reshape(-1)).astype(F32))
+    nb = np.sqrt(np.dot(b.reshape(-1), b.reshape(-1)).astype(F32))
+    an = a / na if na > eps else a
+    bn = b / nb if nb > eps else b
+    dot = F32(np.clip(np.dot(an.reshape(-1), bn.reshape(-1)), -1.0, 1.0))
+    if abs(dot) > dot_threshold:
+        return (1 - t) * a + t * b
+    theta_0 = np.arccos(dot)
+    sin_theta_0 = np.sin(theta_0)
+    theta_t = theta_0 * t
+    s0 = np.sin(theta_0 - theta_t) / sin_theta_0
+    s1 = np.sin(theta_t) / sin_theta_0
+    return s0 * a + s1 * b
+
+
+def model_stock(base: np.ndarray, models: Sequence[np.ndarray], filter_wise: bool) -> np.ndarray:
+    """``model_stock.model_stock`` on one HF tensor (rows = its last axis when
+    ``filter_wise``; a 1-D tensor is one row)."""
+    n = len(models)
+    shape = base.shape
+    rows = base.reshape(1, -1) if base.ndim < 2 else base
+    w0 = rows if filter_wise else base.reshape(-1)
+    ws = [m.reshape(w0.shape) for m in models]
+    offsets = [m - w0 for m in ws]
+    norms = [np.sqrt(np.einsum("...i,...i->...", o, o)) for o in offsets]
+    cos = []
+    for i in range(n):
+        for j in range(i + 1, n):
+            dot = np.einsum("...i,...i->...", offsets[i], offsets[j])
+            cos.append(np.clip(dot / np.maximum(norms[i] * norms[j], F32(1e-6)), -1, 1))
+    cos_theta = (_sum0(cos) / F32(len(cos)))[..., None]
+    denominator = 1 + (n - 1) * cos_theta
+    singular = np.abs(denominator) < 1e-6
+    t = np.where(singular, F32(0), n * cos_theta / np.where(singular, F32(1), denominator))
+    w_avg = _sum0(ws) / F32(n)
+    return (t * w_avg + (1 - t) * w0).astype(F32).reshape(shape)
