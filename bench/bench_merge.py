@@ -45,8 +45,11 @@ def copy_bandwidth(nbytes: int = 2**30, repeats: int = 5) -> float:
     return nbytes / best / 1e9
 
 
-def make_models(root: Path, size_mb: float, n: int) -> tuple[list[Path], int]:
-    """A base and ``n`` random models of about ``size_mb`` MB (float32) in HF format."""
+def make_models(
+    root: Path, size_mb: float, n: int, dtype: str = "float32"
+) -> tuple[list[Path], int]:
+    """A base and ``n`` random models of about ``size_mb`` MB in float32 (in ``dtype`` on
+    disk: half the bytes for bfloat16) in HF format; (paths, bytes of one model)."""
     import dem_jax
 
     width = 512
@@ -59,6 +62,7 @@ def make_models(root: Path, size_mb: float, n: int) -> tuple[list[Path], int]:
         num_layers=layers,
         num_heads=8,
         num_kv_heads=8,
+        param_dtype=dtype,
     )
     paths = []
     for i in range(n + 1):
@@ -66,7 +70,7 @@ def make_models(root: Path, size_mb: float, n: int) -> tuple[list[Path], int]:
         if not path.exists():
             dem_jax.save_model(dem_jax.init_model(config, seed=i), path, format="hf")
         paths.append(path)
-    return paths, 4 * config.num_params
+    return paths, (2 if dtype != "float32" else 4) * config.num_params
 
 
 def peak_rss() -> int:

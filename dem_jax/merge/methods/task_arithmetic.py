@@ -181,13 +181,12 @@ class TaskArithmetic(MergeMethod):
             if self.spec(name) is not None
         }
         norm = "l1" if rescale else False  # mergekit 0.1.5: rescale -> RescaleNorm.l1
-        if self.sparsifier != "della":
-            out = sparsify(self.sparsifier, flat, rows, norm, uniform=leaf.noise)
-        else:  # della ranks within the rows of the HF tensor (torch dim 1)
-            hf = to_hf(flat, leaf.layout, lead=1)
-            u = None if leaf.noise is None else to_hf(leaf.noise, leaf.layout, lead=1)
-            out = from_hf(sparsify("della", hf, rows, norm, uniform=u), leaf.layout, flat.shape, 1)
-        return out.reshape(deltas.shape)
+        # On the HF tensor: della ranks within its rows (torch dim 1), and equal
+        # magnitudes are taken in its flat order (as the host executor takes them).
+        hf = to_hf(flat, leaf.layout, lead=1)
+        u = None if leaf.noise is None else to_hf(leaf.noise, leaf.layout, lead=1)
+        out = sparsify(self.sparsifier, hf, rows, norm, uniform=u)
+        return from_hf(out, leaf.layout, flat.shape, 1).reshape(deltas.shape)
 
 
 def _method(name, consensus, sparsifier, normalize, rescale, in_mergekit=True) -> TaskArithmetic:

@@ -1,0 +1,297 @@
+"""The host merge executor (NumPy, no JAX) against the JAX engine on the same MERGE.yaml,
+its selection and bfloat16 arithmetic against NumPy's and ml_dtypes', and when it runs.
+
+mergekit parity of these methods is in test_mergekit_parity*.py, which now run on the
+host executor (``--engine auto``); here every host method and setting is also run on
+the JAX engine (``--engine jax``) and the two outputs compared tensor by tensor."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import pytest
+import yaml
+from safetensors.numpy import load_file
+from test_merge import make_family
+
+from dem_jax import cli
+from dem_jax.errors import DemError
+from dem_jax.merge import host
+from dem_jax.merge import host_kernels as hk
+from dem_jax.merge.from_config import merge_from_config
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    return make_family(tmp_path_factory.mktemp("hfamily"), n=3)
+
+
+@pytest.fixture(scope="module")
+def tied_family(tmp_path_factory):
+    """Deltas on a grid of 0.01 steps: many equal magnitudes at every top-k threshold,
+    so the tie rule (lower index first) decides which are kept."""
+    import torch
+
+    paths = make_family(tmp_path_factory.mktemp("hties"), n=2, case="llama_tied")
+    base = load(paths[0])
+    for p in paths[1:]:
+        tensors = {k: base[k] + np.round((v - base[k]) * 100) / 100 for k, v in load(p).items()}
+        from safetensors.torch import save_file
+
+        save_file({k: torch.from_numpy(v) for k, v in tensors.items()}, p / "model.safetensors")
+    return paths
+
+
+@pytest.fixture(scope="module")
+def bf16_family(tmp_path_factory):
+    import torch
+
+    return make_family(tmp_path_factory.mktemp("hbf16"), n=2, dtype=torch.bfloat16)
+
+
+@pytest.fixture(scope="module")
+def moe_family(tmp_path_factory):
+    return make_family(tmp_path_factory.mktemp("hmoe"), n=2, case="mixtral")
+
+
+def load(directory: Path) -> dict[str, np.ndarray]:
+    out = {}
+    for f in sorted(Path(directory).glob("*.safetensors")):
+        out.update(load_file(f))
+    return {k: v.astype(np.float32) if v.dtype != np.float32 else v for k, v in out.items()}
+
+
+def config(paths, method, models=None, **extra):
+    models = models if models is not None else [{"model": str(p)} for p in paths[1:]]
+    return {"merge_method": method, "base_model": str(paths[0]), "models": models, **extra}
+
+
+def both_engines(tmp_path, cfg) -> tuple[Path, Path]:
+    """The same MERGE.yaml merged by each engine: (host output, JAX output)."""
+    path = tmp_path / "merge.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    outs = []
+    for engine in ("host", "jax"):
+        outs.append(merge_from_config(path, tmp_path / engine, engine=engine))
+    return outs[0], outs[1]
+
+
+def assert_same_merge(ours: Path, ref: Path, base: Path | None = None, rtol=2e-6, atol=1e-7):
+    """Same files, config and tensors (to float32 rounding of whole-tensor sums), and
+    the same entries left at the base's value (so the same top-k selections)."""
+    assert sorted(p.name for p in ours.iterdir()) == sorted(p.name for p in ref.iterdir())
+    assert json.loads((ours / "config.json").read_text()) == json.loads(
+        (ref / "config.json").read_text()
+    )
+    a, b = load(ours), load(ref)
+    assert list(a) == list(b)  # same tensors in the same (export) order
+    start = load(base) if base is not None else {}
+    for name in a:
+        np.testing.assert_allclose(a[name], b[name], rtol=rtol, atol=atol, err_msg=name)
+        if name in start:
+            unmoved = a[name] == start[name]
+            np.testing.assert_array_equal(unmoved, b[name] == start[name], err_msg=name)
+
+
+GRID = [
+    ("task_arithmetic", {"weight": 0.7}, {"lambda": 0.8}),
+    ("dem", {"weight": [0.2, 0.9]}, {}),  # a gradient over the layers
+    ("ties", {"weight": 0.5, "density": 0.5}, {}),
+    ("ties", {"weight": 1.0, "density": [0.2, 0.7]}, {"rescale": True, "normalize": False}),
+    ("ties", {"weight": 1.0, "density": 0.3}, {"int8_mask": True, "lambda": 1.3}),
+    ("breadcrumbs", {"weight": 0.5, "density": 0.6, "gamma": 0.1}, {}),
+    ("breadcrumbs_ties", {"weight": 0.5, "density": 0.8, "gamma": 0.05}, {"rescale": True}),
+    ("linear", {"weight": 1.0}, {"normalize": False}),
+    ("linear", {"weight": [1.0, 0.1]}, {}),
+    ("model_stock", {}, {}),
+    ("model_stock", {}, {"filter_wise": True}),
+]
+
+
+@pytest.mark.parametrize(
+    "method, per_model, shared", GRID, ids=[f"{m}-{i}" for i, (m, *_) in enumerate(GRID)]
+)
+def test_host_equals_the_jax_engine(family, tmp_path, method, per_model, shared):
+    models = [{"model": str(p), "parameters": dict(per_model)} for p in family[1:]]
+    # a filtered setting for one model: only its MLP tensors take other values
+    if "weight" in per_model:
+        models[0]["parameters"]["weight"] = [{"filter": "mlp", "value": 0.3}, {"value": 0.6}]
+    if method == "linear":  # the base is averaged too, with its own weight
+        models.append({"model": str(family[0]), "parameters": dict(per_model)})
+    cfg = config(family, method, models, parameters=shared, dtype="float32")
+    assert_same_merge(*both_engines(tmp_path, cfg), base=family[0])
+
+
+def test_slerp_with_a_gradient(family, tmp_path):
+    cfg = config(family, "slerp", [{"model": str(family[1])}], parameters={"t": [0.0, 0.3, 1.0]})
+    assert_same_merge(*both_engines(tmp_path, cfg))
+
+
+def test_ties_breaks_ties_as_the_jax_engine(tied_family, tmp_path):
+    base, ft = load(tied_family[0]), load(tied_family[1])
+    delta = ft["model.layers.0.mlp.up_proj.weight"] - base["model.layers.0.mlp.up_proj.weight"]
+    _values, counts = np.unique(np.abs(delta), return_counts=True)
+    assert counts.max() > 20  # the fixture does make ties
+    models = [
+        {"model": str(p), "parameters": {"weight": 1.0, "density": 0.35}} for p in tied_family[1:]
+    ]
+    host_out, jax_out = both_engines(tmp_path, config(tied_family, "ties", models))
+    a, b = load(host_out), load(jax_out)
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+@pytest.mark.parametrize(
+    "dtype, out_dtype",
+    [("bfloat16", None), ("float16", "float32"), (None, "bfloat16"), (None, "float16")],
+)
+def test_precision_settings(family, tmp_path, dtype, out_dtype):
+    """Inputs rounded to ``dtype`` before merging, the result written in ``out_dtype``."""
+    extra = {k: v for k, v in {"dtype": dtype, "out_dtype": out_dtype}.items() if v}
+    models = [{"model": str(p), "parameters": {"weight": 0.5, "density": 0.6}} for p in family[1:]]
+    host_out, jax_out = both_engines(tmp_path, config(family, "ties", models, **extra))
+    wide = (out_dtype or dtype or "float32") != "float32"
+    assert_same_merge(host_out, jax_out, rtol=8e-3 if wide else 2e-6, atol=1e-3 if wide else 1e-7)
+    stored = {v.dtype for v in load_file(next(host_out.glob("*.safetensors"))).values()}
+    numpy_dtype = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16, "float32": np.float32}
+    assert stored == {np.dtype(numpy_dtype[out_dtype or dtype])}
+
+
+def test_bfloat16_checkpoints(bf16_family, tmp_path):
+    models = [{"model": str(p), "parameters": {"weight": 0.6}} for p in bf16_family[1:]]
+    host_out, jax_out = both_engines(tmp_path, config(bf16_family, "task_arithmetic", models))
+    for name, v in load_file(host_out / "model.safetensors").items():
+        assert v.dtype == ml_dtypes.bfloat16, name
+    # bfloat16 outputs: equal, or one bfloat16 step apart where float32 rounding differs
+    assert_same_merge(host_out, jax_out, rtol=8e-3, atol=1e-6)
+
+
+def test_mixture_of_experts_expert_by_expert(moe_family, tmp_path):
+    models = [
+        {"model": str(p), "parameters": {"weight": 0.5, "density": 0.4}} for p in moe_family[1:]
+    ]
+    assert_same_merge(*both_engines(tmp_path, config(moe_family, "ties", models)), moe_family[0])
+
+
+def test_host_merge_does_not_import_jax(family, tmp_path):
+    path = tmp_path / "m.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            config(
+                family,
+                "ties",
+                [
+                    {"model": str(p), "parameters": {"weight": 1.0, "density": 0.5}}
+                    for p in family[1:]
+                ],
+            )
+        )
+    )
+    code = (
+        "import sys; from dem_jax import cli; "
+        f"rc = cli.main(['merge', {str(path)!r}, '--out', {str(tmp_path / 'o')!r}, '--quiet']); "
+        "heavy = ('jax', 'flax', 'orbax', 'torch', 'transformers', 'ml_dtypes'); "
+        "heavy = sorted(m for m in heavy if m in sys.modules); "
+        "print(rc, heavy)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "0 []", out.stdout + out.stderr
+    assert (tmp_path / "o" / "model.safetensors").is_file()
+
+
+def test_auto_leaves_random_methods_to_jax(family, tmp_path):
+    models = [{"model": str(p), "parameters": {"weight": 0.5, "density": 0.5}} for p in family[1:]]
+    path = tmp_path / "m.yaml"
+    path.write_text(yaml.safe_dump(config(family, "dare_ties", models)))
+    a = merge_from_config(path, tmp_path / "auto")
+    b = merge_from_config(path, tmp_path / "jax", engine="jax")
+    for name, v in load(a).items():
+        np.testing.assert_array_equal(v, load(b)[name])
+
+
+@pytest.mark.parametrize(
+    "method, flags, needle",
+    [
+        ("dare_ties", [], "merge_method dare_ties runs on the JAX engine"),
+        ("ties", ["--format", "orbax"], "--format hf"),
+        ("ties", ["--mesh", "fsdp=1"], "without a device mesh"),
+    ],
+)
+def test_engine_host_says_why_not(family, tmp_path, capsys, method, flags, needle):
+    models = [{"model": str(p), "parameters": {"weight": 0.5, "density": 0.5}} for p in family[1:]]
+    path = tmp_path / "m.yaml"
+    path.write_text(yaml.safe_dump(config(family, method, models)))
+    code = cli.main(["merge", str(path), "--out", str(tmp_path / "o"), "--engine", "host", *flags])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("dem-jax: error:")]
+    assert code == 2 and len(lines) == 1 and needle in lines[0], err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_failed_merge_leaves_nothing(family, tmp_path, monkeypatch):
+    calls = []
+
+    def failing(base, xs, v, flags):
+        calls.append(1)
+        if len(calls) == 7:
+            raise DemError("disk on fire")
+        return xs[0]
+
+    monkeypatch.setitem(host.KERNELS, "ties", failing)
+    models = [{"model": str(p), "parameters": {"weight": 0.5, "density": 0.5}} for p in family[1:]]
+    path = tmp_path / "m.yaml"
+    path.write_text(yaml.safe_dump(config(family, "ties", models)))
+    with pytest.raises(DemError, match="disk on fire"):
+        merge_from_config(path, tmp_path / "o", engine="host")
+    assert len(calls) >= 7  # (and the threads' tensors in flight)
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith((".o.tmp", "o"))]
+
+
+# ------------------------------------------------------------------ the kernels' parts
+
+
+@pytest.mark.parametrize("case", ["random", "ties", "misleading sample", "small"])
+def test_kth_largest_is_exact(case):
+    rng = np.random.default_rng(0)
+    n = 50_000 if case != "small" else 500
+    mag = np.abs(rng.standard_normal(n)).astype(np.float32)
+    if case == "ties":
+        mag = np.round(mag * 4) / 4
+    if case == "misleading sample":  # every 16th element (the sample) far larger
+        mag[::16] += 100
+    keys = mag.view(np.int32)
+    for k in (1, 7, n // 16, n // 2, n - 1, n):
+        assert hk.kth_largest(keys, k) == np.sort(keys)[n - k], k
+
+
+@pytest.mark.parametrize("k", [0, 1, 333, 999, 1000])
+def test_top_k_mask_takes_ties_by_index(k):
+    mag = np.repeat(np.arange(10, dtype=np.float32), 100)[::-1].copy()  # 100 of each
+    mask = hk.top_k_mask(mag, k)
+    order = np.argsort(-mag, kind="stable")  # descending, ties by index
+    expected = np.zeros(mag.shape, bool)
+    expected[order[:k]] = True
+    np.testing.assert_array_equal(mask, expected)
+
+
+def test_bfloat16_conversions_match_ml_dtypes():
+    every = np.arange(2**16, dtype=np.uint32).astype(np.uint16)
+    ref = every.view(ml_dtypes.bfloat16).astype(np.float32)
+    np.testing.assert_array_equal(hk.bf16_to_f32(every).view(np.uint32), ref.view(np.uint32))
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 2**32, 200_000, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    special = np.array(
+        [0.0, -0.0, np.inf, -np.inf, 1 + 2**-8, 1 + 3 * 2**-8, 3.4e38, 1e-45], np.float32
+    )
+    x = np.concatenate([x, special])
+    ours = hk.f32_to_bf16(x)
+    with np.errstate(invalid="ignore"):  # ml_dtypes warns on NaN inputs
+        theirs = x.astype(ml_dtypes.bfloat16).view(np.uint16)
+    nan = np.isnan(x)
+    np.testing.assert_array_equal(ours[~nan], theirs[~nan])
+    assert np.isnan(hk.bf16_to_f32(ours[nan])).all()
