@@ -18,6 +18,7 @@ tool, mergekit / dem-jax (the speed-up, from the medians), and each tool's peak 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -28,7 +29,6 @@ import time
 from pathlib import Path
 
 import yaml
-from bench_merge import make_models
 
 
 def merge_yaml(method: str, paths: list[Path], dtype: str = "float32") -> dict:
@@ -90,7 +90,7 @@ def main() -> None:
             for n in args.models:
                 folder = root / dtype
                 folder.mkdir(exist_ok=True)
-                paths, model_bytes = make_models(folder, args.size_mb, max(args.models), dtype)
+                paths, model_bytes = models_in_child(folder, args.size_mb, max(args.models), dtype)
                 goal = (1.2 * model_bytes + 2**30) / 1e9
                 for method in args.methods:
                     row = compare(args, root, env, method, paths[: n + 1], dtype, mergekit)
@@ -105,6 +105,24 @@ def main() -> None:
                     )
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def models_in_child(folder: Path, size_mb: float, n: int, dtype: str):
+    """``make_models`` run in a child process: a child's ``ru_maxrss`` starts at its
+    parent's resident set (it is forked before it execs), so this process must stay
+    small for the children's peak RSS to be theirs."""
+    code = (
+        "import json, sys; sys.path.insert(0, sys.argv[1]); from bench_merge import make_models; "
+        "p, b = make_models(__import__('pathlib').Path(sys.argv[2]), float(sys.argv[3]), "
+        "int(sys.argv[4]), sys.argv[5]); print(json.dumps([[str(x) for x in p], b]))"
+    )
+    here = str(Path(__file__).parent)
+    args = [here, str(folder), str(size_mb), str(n), dtype]
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(out.stderr[-2000:])
+    paths, model_bytes = json.loads(out.stdout.strip().splitlines()[-1])
+    return [Path(p) for p in paths], model_bytes
 
 
 def compare(args, root: Path, env: dict, method: str, paths, dtype: str, mergekit: str):

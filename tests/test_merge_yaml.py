@@ -159,7 +159,7 @@ BAD = [
         "needs at least 2 model",
     ),
     ({"modules": {}}, "modules (per-module merges) is not supported"),
-    ({"tokenizer_source": "union"}, "tokenizer_source: 'union'"),
+    ({"tokenizer": {"source": 3}}, "tokenizer.source: expected 'union', 'base' or a model"),
     ({"chat_template": "chat-ml"}, "chat_template: 'chat-ml' is neither 'auto'"),
     ({"out_dtype": "float64"}, "out_dtype: 'float64' is not one of"),
     ({"lora": 1}, "unknown key 'lora'"),

@@ -87,14 +87,12 @@ class MergeConfig:
     parameters: dict[str, Any] | None = None  # global settings
     dtype: str | None = None  # inputs are rounded to it before merging
     out_dtype: str | None = None  # default: dtype, else the inputs' promoted dtype
-    tokenizer_source: str | None = None  # "base" or a model path; its tokenizer is copied
+    tokenizer_source: str | None = None  # "union", "base" or a model path (merge/vocab.py)
     random_seed: int = 0  # dem-jax: seed of the random methods (mergekit ignores it)
     # dem-jax, fisher/regmean only: batching keys at the top level.
     data: DataOptions | None = field(default=None, metadata={"inline": True})
     modules: Any = field(default=None, metadata={"unsupported": "modules (per-module merges)"})
-    tokenizer: Any = field(
-        default=None, metadata={"unsupported": "the tokenizer section (vocabulary surgery)"}
-    )
+    tokenizer: dict[str, Any] | None = None  # source, tokens, pad_to_multiple_of (merge/vocab.py)
     chat_template: str | None = None  # "auto", a template mergekit ships, or a Jinja template
 
     def __post_init__(self):
@@ -115,5 +113,3 @@ class MergeConfig:
             raise DemError("give exactly one of 'models' or 'slices'")
         if self.models is not None and not self.models:
             raise DemError("models: expected a non-empty list")
-        if self.tokenizer_source == "union":
-            raise DemError("tokenizer_source: 'union' (vocabulary merging) is not supported")

@@ -64,7 +64,14 @@ def merge_from_config(
     seed = req.seed if seed is None else seed
     try:
         check_layer_ranges(req)
-        with output_assets(req, copy_tokenizer) as assets_dir:
+        vocabulary = None
+        if req.vocabulary is not None:  # tokenizer_source / tokenizer: (transformers)
+            from dem_jax.merge.vocab import build_vocabulary
+
+            vocabulary = build_vocabulary(req.vocabulary, req.base, req.models)
+            if vocabulary.is_identity():  # one vocabulary: nothing to re-index
+                vocabulary = None
+        with output_assets(req, copy_tokenizer, vocabulary) as assets_dir:
             done = run_host(
                 req,
                 out,
@@ -76,6 +83,7 @@ def merge_from_config(
                 max_shard_bytes=max_shard_bytes,
                 assets_dir=assets_dir,
                 config_yaml=merge_yaml_text(req),
+                vocabulary=vocabulary,
             )
             if done is not None:
                 return done
@@ -179,14 +187,28 @@ def donor_dir(req: MergeRequest) -> Path | None:
 
 
 @contextlib.contextmanager
-def output_assets(req: MergeRequest, copy_tokenizer: bool = True) -> Iterator[Path | None]:
+def output_assets(
+    req: MergeRequest, copy_tokenizer: bool = True, vocabulary=None
+) -> Iterator[Path | None]:
     """The folder whose asset files the output gets: ``req.tokenizer_source`` (None: the
     engine's choice), or a temporary copy of the donor's files without the tokenizer
-    (``copy_tokenizer`` False, no ``tokenizer_source``) or with ``req.chat_template``.
+    (``copy_tokenizer`` False, no ``tokenizer_source``) or with ``req.chat_template``;
+    with a re-indexed ``vocabulary`` (:mod:`dem_jax.merge.vocab`), its tokenizer.
 
     mergekit writes a ``tokenizer_source``'s tokenizer even without copy_tokenizer, and
     only warns when a chat template has no tokenizer to go in; that is an error here.
     """
+    if vocabulary is not None:  # the built tokenizer, whatever copy_tokenizer says
+        with tempfile.TemporaryDirectory(prefix="dem_jax_vocab_") as built:
+            stage_assets(donor_dir(req), built, tokenizer=False)  # the generation config
+            vocabulary.tokenizer.save_pretrained(built)
+            if req.chat_template is None:
+                yield Path(built)
+                return
+            with tempfile.TemporaryDirectory(prefix="dem_jax_assets_") as tmp:
+                stage_assets(built, tmp, chat_template=req.chat_template)
+                yield Path(tmp)
+        return
     tokenizer = copy_tokenizer or req.tokenizer_source is not None
     if tokenizer and req.chat_template is None:
         yield req.tokenizer_source

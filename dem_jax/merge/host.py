@@ -51,6 +51,7 @@ from dem_jax.merge.method import check_input_count
 from dem_jax.merge.params import LeafValues, resolve_leaf, settings_chain
 from dem_jax.merge.registry import get_method
 from dem_jax.merge.request import MergeRequest
+from dem_jax.merge.vocab import VOCAB_TENSORS, Vocabulary, align_rows
 
 F32 = np.float32
 _FLOATS = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
@@ -155,8 +156,8 @@ def _open(path: Path) -> _Input:
 class HostMerge:
     """A request's merge, checked for the host executor; ``self.declined`` says why not."""
 
-    def __init__(self, req: MergeRequest, seed: int):
-        self.req, self.seed = req, seed
+    def __init__(self, req: MergeRequest, seed: int, vocabulary: Vocabulary | None = None):
+        self.req, self.seed, self.voc = req, seed, vocabulary
         self.method = get_method(req.method)
         check_input_count(self.method, len(req.models), req.base is not None)
         self.inputs: list[_Input] = []
@@ -177,11 +178,14 @@ class HostMerge:
         if "?" in stored:
             return "an input's embedding is not float32, bfloat16 or float16"
 
-        def same(c):
+        def same(c):  # vocabularies may differ when they are re-indexed
+            c = c.replace(vocab_size=1) if self.voc is not None else c
             return c.replace(param_dtype="float32", dtype="float32")
 
         if any(same(x.config) != same(ref.config) for x in self.inputs):
             return "the models' configs differ (the JAX engine checks them)"
+        if self.voc is not None:
+            self.config = self.config.replace(vocab_size=self.voc.size)
         cfg = self.config
         self.tmaps = tensor_maps(cfg)
         names = [n for t in self.tmaps for n in _names(t, cfg)]
@@ -189,7 +193,11 @@ class HostMerge:
             if set(x.ckpt.keys()) != set(names):
                 return f"{x.label} holds other tensors than a {cfg.architecture} has"
             for n in names:
-                if x.ckpt.code(n) not in _FLOATS or x.ckpt.shape(n) != ref.ckpt.shape(n):
+                skip = 1 if self.voc is not None and n in VOCAB_TENSORS else 0  # rows = tokens
+                if (
+                    x.ckpt.code(n) not in _FLOATS
+                    or x.ckpt.shape(n)[skip:] != ref.ckpt.shape(n)[skip:]
+                ):
                     return f"{x.label}: tensor {n} differs in shape or is not a float"
         promoted = stored.pop() if len(stored) == 1 else "float32"  # as jnp.promote_types
         self.out_dtype = self.req.out_dtype or self.req.dtype or promoted
@@ -227,8 +235,11 @@ class HostMerge:
         return t if self.req.dtype is None else hk.round_to(t, self.req.dtype)
 
     def _merge(self, name: str, values: dict[str, Any], flags: dict[str, Any]) -> np.ndarray:
-        base = None if self.base is None else self._read(self.base, name)
-        xs = [self._read(x, name) for x in self.models]
+        if self.voc is not None and name in VOCAB_TENSORS:
+            base, xs = self._aligned(name)
+        else:
+            base = None if self.base is None else self._read(self.base, name)
+            xs = [self._read(x, name) for x in self.models]
         out = KERNELS[self.method.name](base, xs, values, flags)
         del base, xs
         if self.out_dtype == "bfloat16":
@@ -236,6 +247,23 @@ class HostMerge:
 
             return hk.f32_to_bf16(out).view(ml_dtypes.bfloat16)
         return out.astype(self.out_dtype, copy=False)
+
+    def _aligned(self, name: str):
+        """A vocabulary tensor of every input, re-indexed to the output's tokens: (base,
+        models), read once per distinct input, in mergekit's order (the YAML's models,
+        then an unlisted base) for the rows made from several inputs."""
+        order = {x.path: x for x in self.models}
+        if self.base is not None:
+            order.setdefault(self.base.path, self.base)
+        aligned = dict(
+            zip(
+                order,
+                align_rows(self.voc, [(p, self._read(x, name)) for p, x in order.items()]),
+                strict=True,
+            )
+        )
+        base = None if self.base is None else aligned[self.base.path]
+        return base, [aligned[x.path].copy() for x in self.models]
 
     def _jobs(self):
         """(HF name, this tensor's values, static flags) in export order."""
@@ -258,12 +286,14 @@ class HostMerge:
             np_dtype = np.dtype(np.float16)
         ref = self.base or self.models[0]
         specs = [
-            TensorSpec(n, tuple(ref.ckpt.shape(n)), np_dtype)
+            TensorSpec(n, self._shape(ref, n), np_dtype)
             for t in self.tmaps
             for n in _names(t, self.config)
         ]
         workers = max(1, min(len(os.sched_getaffinity(0)), 8))
         hf_config = next(x.hf_config for x in self.inputs)
+        if self.voc is not None:  # the merged model's vocabulary (mergekit writes it too)
+            hf_config = {**hf_config, "vocab_size": self.voc.size}
         out_config = to_hf_config(self.config.replace(param_dtype=self.out_dtype), hf_config)
         with atomic_directory(out, overwrite) as tmp:
             desc = f"merging into {storage.path(out).name}"
@@ -280,6 +310,12 @@ class HostMerge:
                     writer.write(name, fut.result())
             finish_hf_directory(tmp, out_config, assets_dir or ref.path, metadata)
         return storage.path(out)
+
+    def _shape(self, ref: _Input, name: str) -> tuple[int, ...]:
+        shape = tuple(ref.ckpt.shape(name))
+        if self.voc is not None and name in VOCAB_TENSORS:
+            return (self.voc.size, *shape[1:])
+        return shape
 
 
 def _names(tmap: TensorMap, config: ModelConfig) -> list[str]:
@@ -307,18 +343,22 @@ def run_host(
     max_shard_bytes: int,
     assets_dir,
     config_yaml: str | None,
+    vocabulary: Vocabulary | None = None,
 ) -> Path | None:
     """Merge on the host if ``engine`` allows and the request suits it; None to leave it
     to the JAX engine (``engine="host"`` refuses instead, naming why)."""
-    if engine == "jax":
-        return None
-    reason = why_not_host(req, format=format, mesh=mesh)
+    reason = "--engine jax" if engine == "jax" else why_not_host(req, format=format, mesh=mesh)
     plan = None
     if reason is None:
-        plan = HostMerge(req, seed)
+        plan = HostMerge(req, seed, vocabulary)
         reason = plan.declined
     try:
         if reason is not None:
+            if vocabulary is not None:
+                raise DemError(
+                    "tokenizer: the models' vocabularies differ, and re-indexing them runs "
+                    f"on the host executor only, which this merge cannot use: {reason}"
+                )
             if engine == "host":
                 raise DemError(f"--engine host: {reason}")
             return None

@@ -13,9 +13,12 @@ are copied); ``chat_template`` (``auto``, a template mergekit ships, or a Jinja
 template: :mod:`dem_jax.merge.chat_template`); ``random_seed`` (a dem-jax key that
 mergekit ignores).
 
+``tokenizer_source: union`` and the ``tokenizer`` section (models with different
+vocabularies, :mod:`dem_jax.merge.vocab`) with ``models:``.
+
 Refused with a DemError (mergekit has it, we do not): ``modules``; ``residual_weight``;
-several slices or partial layer ranges for the data-aware methods; the ``tokenizer``
-section and ``tokenizer_source: union``; LoRA (``model+lora``) and
+several slices or partial layer ranges for the data-aware methods; vocabulary merging
+with ``slices:`` or the data-aware methods; LoRA (``model+lora``) and
 Hub references (model paths must be HF or dem-jax directories, relative to the YAML's
 folder). Stricter than mergekit: unknown keys and parameters the method does not take
 are errors (mergekit ignores them), ``density``/``gamma`` and slerp's ``t`` must lie in [0, 1].
@@ -48,6 +51,7 @@ from dem_jax.merge.chat_template import resolve_chat_template
 from dem_jax.merge.method import MergeMethod
 from dem_jax.merge.params import check_parameters, check_scalar_settings
 from dem_jax.merge.registry import DATA_METHODS, get_method
+from dem_jax.merge.vocab import VocabularySpec, vocabulary_spec
 
 DATA_KEYS = tuple(f.name for f in dataclasses.fields(DataOptions))
 
@@ -78,6 +82,7 @@ class MergeRequest:
     dtype: str | None = None
     out_dtype: str | None = None
     tokenizer_source: Path | None = None  # whose tokenizer files the output gets
+    vocabulary: VocabularySpec | None = None  # tokenizer_source / tokenizer: (merge/vocab.py)
     chat_template: str | None = None  # the template the output's tokenizer gets (the text)
     seed: int = 0
     source: Path | None = None  # the YAML file
@@ -106,6 +111,11 @@ def _resolve_path(value: str, folder: Path):
         return storage.path(value)
     path = Path(os.path.expanduser(value))
     return path if path.is_absolute() else folder / path
+
+
+def _resolver(folder: Path):
+    """``_model_path`` for the YAML in ``folder``, as ``resolve(value, where)``."""
+    return lambda value, where: _model_path(value, folder, where)
 
 
 def _model_path(value: Any, folder: Path, where: str) -> Path:
@@ -295,12 +305,21 @@ def _request(cfg: MergeConfig, data: dict[str, Any], path: Path) -> MergeRequest
         base, paths, params, layer_ranges, model_data, chain = _models(cfg, method, folder)
 
     tok = cfg.tokenizer_source
-    if tok == "base":
-        if base is None:
+    vocabulary = vocabulary_spec(
+        tok, cfg.tokenizer, base, [*([base] if base else []), *paths], _resolver(folder)
+    )
+    if vocabulary is not None and (slices is not None or method.data):
+        if cfg.tokenizer is not None or tok == "union":
+            what = "tokenizer" if cfg.tokenizer is not None else "tokenizer_source: union"
+            against = f"merge_method {method.name}" if method.data else "slices:"
+            raise DemError(f"{what}: vocabularies are merged for models: merges, not {against}")
+        vocabulary = None  # a named tokenizer_source: its files are copied, as before
+    # whose tokenizer files the output copies (a re-indexed merge saves its own)
+    tok_path = vocabulary.source if vocabulary is not None and tok not in (None, "union") else None
+    if vocabulary is None and tok is not None:
+        tok_path = base if tok == "base" else _model_path(tok, folder, "tokenizer_source")
+        if tok == "base" and base is None:
             raise DemError("tokenizer_source: 'base' needs a base_model")
-        tok_path = base
-    else:
-        tok_path = None if tok is None else _model_path(tok, folder, "tokenizer_source")
     # mergekit's "auto" polls every model the YAML names, the base included.
     named = {p.resolve(): p for p in [*([base] if base is not None else []), *paths]}
     return MergeRequest(
@@ -312,6 +331,7 @@ def _request(cfg: MergeConfig, data: dict[str, Any], path: Path) -> MergeRequest
         dtype=cfg.dtype,
         out_dtype=cfg.out_dtype,
         tokenizer_source=tok_path,
+        vocabulary=vocabulary,
         chat_template=resolve_chat_template(cfg.chat_template, named.values()),
         seed=cfg.random_seed,
         source=path,
