@@ -72,8 +72,9 @@ def register(subparsers) -> argparse.ArgumentParser:
         choices=["auto", "host", "jax"],
         default="auto",
         help="host: NumPy on this CPU, without JAX (Hugging Face in and out, no --mesh, "
-        "one process; linear, task_arithmetic, dem, ties, breadcrumbs(_ties), slerp, "
-        "model_stock); jax: the sharded JAX engine; auto (default): host where it can",
+        "one process; linear, task_arithmetic, dem, ties, breadcrumbs(_ties), dare_*, "
+        "della(_linear), slerp, model_stock); jax: the sharded JAX engine; auto "
+        "(default): host where it can",
     )
     p.add_argument(
         "--in-memory",

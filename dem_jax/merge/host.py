@@ -8,24 +8,27 @@ top-k a 31-pass radix select; mergekit users merge on a CPU too (issue #12). So
 ``dem-jax merge`` runs here whenever it can (``--engine auto``): Hugging Face
 inputs and output, no device mesh, one process, and a method with a NumPy kernel
 (:mod:`dem_jax.merge.host_kernels`). Everything else (Orbax inputs or output,
-distribution vectors, ``--mesh``, pods, ``slices:``, the random and data-aware
-methods, the other methods) runs on the JAX engine, as does anything this
-executor is unsure of (tensors it does not expect, models whose configs differ):
-the engine's checks then name the problem.
+distribution vectors, ``--mesh``, pods, ``slices:``, the data-aware methods, the
+other methods) runs on the JAX engine, as does anything this executor is unsure of
+(tensors it does not expect, models whose configs differ): the engine's checks then
+name the problem.
 
 What it shares with the engine: the parsed request, the per-tensor parameter
 resolution (:func:`dem_jax.merge.params.resolve_leaf`), the output's tensor list
 and order (:func:`dem_jax.io.hf.weights.tensor_maps`), dtype rules (inputs cast to
 the checkpoint's dtype, then rounded to ``dtype``, merged in float32, written in
-``out_dtype``), config.json, assets and model card. Tensors are merged on a thread
-per core (NumPy releases the GIL), read with ``pread`` (nothing stays mapped) and
-written in order, so memory is a few tensors per input.
+``out_dtype``), config.json, assets and model card. Random methods (DARE, DELLA)
+draw from NumPy's PCG64 per tensor (:func:`tensor_rng`), the JAX engine from
+threefry: each reproducible for a seed, the two not the same numbers. Tensors are
+merged on a thread per core (NumPy releases the GIL), read with ``pread`` (nothing
+stays mapped) and written in order, so memory is a few tensors per input.
 """
 
 from __future__ import annotations
 
 import collections
 import os
+import zlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -62,17 +65,25 @@ ENGINES = ("auto", "host", "jax")
 
 
 def _task_arithmetic(sparsifier: str | None, consensus: bool) -> Callable:
-    def kernel(base, xs, v, flags):
+    def kernel(base, xs, v, flags, rng):
         deltas = [np.subtract(x, base, out=x) for x in xs]  # our own buffers
         keeps = None
+        dens = v.get("density")
         if sparsifier == "magnitude":
-            keeps = [
-                hk.magnitude_keep(d, dens) for d, dens in zip(deltas, v["density"], strict=True)
-            ]
+            keeps = [hk.magnitude_keep(d, p) for d, p in zip(deltas, dens, strict=True)]
         elif sparsifier == "breadcrumbs":
             keeps = [
-                hk.breadcrumbs_keep(d, dens, gam)
-                for d, dens, gam in zip(deltas, v["density"], v["gamma"], strict=True)
+                hk.breadcrumbs_keep(d, p, g)
+                for d, p, g in zip(deltas, dens, v["gamma"], strict=True)
+            ]
+        elif sparsifier == "random":  # one uniform per entry and model, model by model
+            keeps = [
+                hk.random_keep(d, p, _uniform(rng, d)) for d, p in zip(deltas, dens, strict=True)
+            ]
+        elif sparsifier == "della":
+            keeps = [
+                hk.della_keep(d, p, e, _uniform(rng, d))
+                for d, p, e in zip(deltas, dens, v["epsilon"], strict=True)
             ]
         return hk.task_arithmetic(
             base,
@@ -94,12 +105,30 @@ KERNELS: dict[str, Callable] = {
     "ties": _task_arithmetic("magnitude", True),
     "breadcrumbs": _task_arithmetic("breadcrumbs", False),
     "breadcrumbs_ties": _task_arithmetic("breadcrumbs", True),
-    "linear": lambda base, xs, v, flags: hk.linear(xs, np.asarray(v["weight"]), flags["normalize"]),
-    "slerp": lambda base, xs, v, flags: hk.slerp(base, xs[0], v["t"]),
-    "model_stock": lambda base, xs, v, flags: hk.model_stock(base, xs, flags["filter_wise"]),
+    "dare_linear": _task_arithmetic("random", False),
+    "dare_ties": _task_arithmetic("random", True),
+    "della": _task_arithmetic("della", True),
+    "della_linear": _task_arithmetic("della", False),
+    "linear": lambda base, xs, v, flags, rng: hk.linear(
+        xs, np.asarray(v["weight"]), flags["normalize"]
+    ),
+    "slerp": lambda base, xs, v, flags, rng: hk.slerp(base, xs[0], v["t"]),
+    "model_stock": lambda base, xs, v, flags, rng: hk.model_stock(base, xs, flags["filter_wise"]),
 }
 """Per HF tensor: (base float32 or None, inputs float32, values of this tensor
-(per-model ones as lists), static flags) -> float32 result."""
+(per-model ones as lists), static flags, the tensor's random generator) -> float32."""
+
+
+def _uniform(rng: np.random.Generator, like: np.ndarray) -> np.ndarray:
+    return rng.random(like.shape, dtype=F32)
+
+
+def tensor_rng(seed: int, name: str) -> np.random.Generator:
+    """The random stream of one HF tensor: NumPy's PCG64 keyed by the merge seed and a
+    stable hash of the tensor's name, so draws depend on neither thread nor order.
+    (The JAX engine draws threefry uniforms instead: the same distribution, other
+    numbers; each engine is reproducible on its own.)"""
+    return np.random.Generator(np.random.PCG64([seed, zlib.crc32(name.encode())]))
 
 
 # ------------------------------------------------------------------ eligibility
@@ -230,9 +259,11 @@ class HostMerge:
         code = x.ckpt.code(name)
         raw = x.ckpt.read(name, raw=True)
         t = hk.bf16_to_f32(raw) if code == "BF16" else raw.view(x.ckpt.dtype(name)).astype(F32)
-        if _FLOATS[code] != x.config.param_dtype:
-            t = hk.round_to(t, x.config.param_dtype)
-        return t if self.req.dtype is None else hk.round_to(t, self.req.dtype)
+        held = _FLOATS[code]  # the dtype whose values t holds (rounding to it: no-op)
+        if held != x.config.param_dtype:
+            t, held = hk.round_to(t, x.config.param_dtype), x.config.param_dtype
+        want = self.req.dtype
+        return t if want is None or want == held else hk.round_to(t, want)
 
     def _merge(self, name: str, values: dict[str, Any], flags: dict[str, Any]) -> np.ndarray:
         if self.voc is not None and name in VOCAB_TENSORS:
@@ -240,12 +271,11 @@ class HostMerge:
         else:
             base = None if self.base is None else self._read(self.base, name)
             xs = [self._read(x, name) for x in self.models]
-        out = KERNELS[self.method.name](base, xs, values, flags)
+        rng = tensor_rng(self.seed, name) if self.method.random else None
+        out = KERNELS[self.method.name](base, xs, values, flags, rng)
         del base, xs
         if self.out_dtype == "bfloat16":
-            import ml_dtypes  # the writer's dtype; imported only for bfloat16 outputs
-
-            return hk.f32_to_bf16(out).view(ml_dtypes.bfloat16)
+            return hk.f32_to_bf16(out)  # the bits, written as BF16 (see write)
         return out.astype(self.out_dtype, copy=False)
 
     def _aligned(self, name: str):
@@ -277,16 +307,15 @@ class HostMerge:
 
     def write(self, out, overwrite: bool, max_shard_bytes: int, assets_dir, metadata) -> Path:
         """Merge into ``out`` (complete or absent), ``workers`` tensors at a time."""
-        np_dtype = np.dtype(F32)
-        if self.out_dtype == "bfloat16":
-            import ml_dtypes
-
-            np_dtype = np.dtype(ml_dtypes.bfloat16)
-        elif self.out_dtype == "float16":
-            np_dtype = np.dtype(np.float16)
+        # bfloat16 as its uint16 bits with the BF16 code: no ml_dtypes (0.6 s to import)
+        np_dtype, code = {
+            "float32": (np.dtype(F32), None),
+            "float16": (np.dtype(np.float16), None),
+            "bfloat16": (np.dtype(np.uint16), "BF16"),
+        }[self.out_dtype]
         ref = self.base or self.models[0]
         specs = [
-            TensorSpec(n, self._shape(ref, n), np_dtype)
+            TensorSpec(n, self._shape(ref, n), np_dtype, code)
             for t in self.tmaps
             for n in _names(t, self.config)
         ]

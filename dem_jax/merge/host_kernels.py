@@ -164,6 +164,33 @@ def breadcrumbs_keep(d: np.ndarray, density: float, gamma: float) -> Keep:
     return bottom_k_mask(mag, n - n_top) & ~bottom_k_mask(mag, n_bot)
 
 
+def random_keep(d: np.ndarray, density: float, uniform: np.ndarray) -> Keep:
+    """DARE (``sparsify_random``): keep each entry where its uniform < density."""
+    if density >= 1:
+        return None
+    return uniform < F32(density)
+
+
+def della_keep(d: np.ndarray, density: float, epsilon: float, uniform: np.ndarray) -> Keep:
+    """DELLA MagPrune (``sparsify_della`` on the HF tensor): keep each entry where its
+    uniform < p, p spread from density - epsilon (smallest |d| of its row) to density
+    + epsilon (largest), by rank within each row (a 1-D tensor is one row)."""
+    if density >= 1:
+        return None
+    if density <= 0:
+        return np.zeros(d.shape, bool)
+    rows = np.abs(d).reshape(-1, d.shape[-1]) if d.ndim else np.abs(d).reshape(1, -1)
+    m = rows.shape[-1]
+    # One sort and a scatter (4x two stable sorts); equal magnitudes are ranked in no
+    # set order, as in mergekit (torch.argsort), unlike the JAX engine's stable sort.
+    order = np.argsort(rows, axis=-1)
+    rank = np.empty(rows.shape, F32)
+    np.put_along_axis(rank, order, np.arange(m, dtype=F32)[None, :], axis=-1)
+    norm = rank / F32(m - 1) if m > 1 else np.full(rows.shape, F32(0.5))
+    probs = F32(density - epsilon) + norm * F32(2 * epsilon)
+    return uniform < probs.reshape(d.shape)
+
+
 def _apply(d: np.ndarray, keep: Keep) -> np.ndarray:
     """``d`` with the entries ``keep`` drops zeroed (in place)."""
     if keep is None:

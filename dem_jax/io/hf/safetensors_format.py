@@ -63,6 +63,9 @@ class _DtypeTable(Mapping[str, np.dtype]):
             return np.dtype(getattr(ml_dtypes, _ML_DTYPES[code]))
         return np.dtype(_NUMPY_DTYPES[code])
 
+    def __contains__(self, code: object) -> bool:  # without resolving (importing) it
+        return code in _ORDER
+
     def __iter__(self) -> Iterator[str]:
         return iter(_ORDER)
 

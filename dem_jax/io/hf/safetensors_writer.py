@@ -22,7 +22,13 @@ import numpy as np
 
 from dem_jax.errors import DemError
 from dem_jax.io import storage
-from dem_jax.io.hf.safetensors_format import INDEX_FILE_NAME, SINGLE_FILE_NAME, dtype_code, is_int
+from dem_jax.io.hf.safetensors_format import (
+    INDEX_FILE_NAME,
+    ITEMSIZE,
+    SINGLE_FILE_NAME,
+    dtype_code,
+    is_int,
+)
 from dem_jax.io.progress_bar import progress_bar
 
 # transformers' shard naming; used to recognise shards left by an earlier save.
@@ -38,6 +44,9 @@ class TensorSpec:
     name: str
     shape: tuple[int, ...]
     dtype: np.dtype
+    # The safetensors code when ``dtype`` only carries the bits: "BF16" with uint16
+    # arrays writes bfloat16 without importing ml_dtypes (the host merge executor).
+    code: str | None = None
 
     def __post_init__(self) -> None:
         """Normalise shape to a tuple of ints and dtype to ``np.dtype``; validate both."""
@@ -60,6 +69,8 @@ class TensorSpec:
             dtype_code(dtype)  # fail now, not halfway through a multi-gigabyte write
         except DemError as exc:
             raise DemError(f"tensor {self.name!r}: {exc}") from None
+        if self.code is not None and ITEMSIZE.get(self.code) != dtype.itemsize:
+            raise DemError(f"tensor {self.name!r}: code {self.code!r} does not fit {dtype}")
         object.__setattr__(self, "dtype", dtype)
 
     @property
@@ -99,7 +110,7 @@ def _header_bytes(shard: Iterable[TensorSpec], metadata: Mapping[str, str] | Non
     offset = 0
     for spec in shard:
         header[spec.name] = {
-            "dtype": dtype_code(spec.dtype),
+            "dtype": spec.code or dtype_code(spec.dtype),
             "shape": list(spec.shape),
             "data_offsets": [offset, offset + spec.nbytes],
         }
