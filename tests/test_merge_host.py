@@ -296,7 +296,9 @@ def test_kth_largest_is_exact(case):
         mag[::16] += 100
     keys = mag.view(np.int32)
     for k in (1, 7, n // 16, n // 2, n - 1, n):
-        assert hk.kth_largest(keys, k) == np.sort(keys)[n - k], k
+        v, above, at = hk.kth_largest_counts(keys, k)
+        assert v == np.sort(keys)[n - k] == hk.kth_largest(keys, k), k
+        assert (above, at) == (np.count_nonzero(keys > v), np.count_nonzero(keys == v)), k
 
 
 @pytest.mark.parametrize("k", [0, 1, 333, 999, 1000])

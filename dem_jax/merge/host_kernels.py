@@ -59,7 +59,14 @@ _SAMPLE_STEP = 16  # selection narrows to a band found on every 16th element fir
 
 
 def kth_largest(keys: np.ndarray, k: int) -> int:
-    """The ``k``-th largest of the non-negative int32 ``keys`` (1 <= k <= n).
+    """The ``k``-th largest of the non-negative int32 ``keys`` (1 <= k <= n); see
+    :func:`kth_largest_counts`."""
+    return kth_largest_counts(keys, k)[0]
+
+
+def kth_largest_counts(keys: np.ndarray, k: int) -> tuple[int, int, int]:
+    """(v, count of keys > v, count of keys == v) for ``v`` the ``k``-th largest of the
+    non-negative int32 ``keys`` (1 <= k <= n).
 
     ``np.partition`` of the whole tensor costs ~9 ns an element. Instead a band
     around the k-th value is read off a strided sample, the elements above it
@@ -79,8 +86,10 @@ def kth_largest(keys: np.ndarray, k: int) -> int:
         above = int(np.count_nonzero(keys > hi))
         band = keys[(keys >= lo) & (keys <= hi)]
         if above < k <= above + band.size:
-            return int(np.partition(band, band.size - (k - above))[band.size - (k - above)])
-    return int(np.partition(keys, n - k)[n - k])
+            v = int(np.partition(band, band.size - (k - above))[band.size - (k - above)])
+            return v, above + int(np.count_nonzero(band > v)), int(np.count_nonzero(band == v))
+    v = int(np.partition(keys, n - k)[n - k])
+    return v, int(np.count_nonzero(keys > v)), int(np.count_nonzero(keys == v))
 
 
 def top_k_mask(mag: np.ndarray, k: int) -> np.ndarray:
@@ -143,9 +152,8 @@ def magnitude_keep(d: np.ndarray, density: float) -> Keep:
     if k >= n:
         return None
     keys = np.abs(d).reshape(-1).view(np.int32)
-    v = kth_largest(keys, k)
-    above = int(np.count_nonzero(keys > v))
-    if above + int(np.count_nonzero(keys == v)) == k:
+    v, above, at = kth_largest_counts(keys, k)
+    if above + at == k:
         return v  # every element at the threshold is kept: a plain comparison
     return _take_ties(keys > v, keys == v, k).reshape(d.shape)
 
