@@ -38,6 +38,9 @@ def merge_yaml(method: str, paths: list[Path], dtype: str = "float32") -> dict:
     cfg = {"merge_method": method, "base_model": str(paths[0]), "dtype": dtype}
     if method == "slerp":
         return {**cfg, "models": [{"model": str(paths[1])}], "parameters": {"t": 0.4}}
+    if method == "linear":  # the base is averaged too, with its own weight
+        every = [{"model": str(p), "parameters": {"weight": 1.0 / (n + 1)}} for p in paths]
+        return {**cfg, "models": every}
     if method == "model_stock":
         return {**cfg, "models": [{"model": str(p)} for p in paths[1:]]}
     if method in ("ties", "dare_ties", "breadcrumbs_ties", "della"):
