@@ -327,3 +327,27 @@ def test_bfloat16_conversions_match_ml_dtypes():
     nan = np.isnan(x)
     np.testing.assert_array_equal(ours[~nan], theirs[~nan])
     assert np.isnan(hk.bf16_to_f32(ours[nan])).all()
+
+
+@pytest.mark.parametrize("case", ["random", "ties", "zeros"])
+@pytest.mark.parametrize("density, gamma", [(0.6, 0.1), (0.9, 0.2), (0.5, 0.0), (0.3, 0.7)])
+def test_breadcrumbs_key_range_equals_its_masks(case, density, gamma):
+    """The (lo, hi] key range breadcrumbs uses keeps exactly the entries of ascending
+    rank n_bot .. n - n_top - 1 (two selection masks), ties by index."""
+    rng = np.random.default_rng(0)
+    d = rng.standard_normal((64, 33)).astype(np.float32)
+    if case == "ties":
+        d = np.round(d * 3) / 3
+    if case == "zeros":
+        d[:, ::2] = 0
+    n = d.size
+    target, n_top = int(density * n), int(gamma * n)
+    n_bot = n - target - n_top
+    if n_bot < 0:
+        n_top, n_bot = n_top + n_bot, 0
+    order = np.argsort(np.abs(d).reshape(-1), kind="stable")  # ascending, ties by index
+    expected = np.zeros(n, bool)
+    expected[order[n_bot : n - n_top]] = True
+    keep = hk.breadcrumbs_keep(d, density, gamma)
+    got = keep if isinstance(keep, np.ndarray) else hk._kept(d, keep, slice(None))
+    np.testing.assert_array_equal(got.reshape(-1), expected)

@@ -135,9 +135,10 @@ def _count(frac: float, numel: int) -> int:
 # ------------------------------------------------------------------ sparsifiers
 #
 # A sparsifier returns what to keep of one model's delta: None (all of it), a key
-# threshold (keep |d| >= that float, as int32 bits: no ties to break), or a mask.
+# threshold (keep |d| >= that float, as int32 bits: no ties to break), a key range
+# (lo, hi] (breadcrumbs), or a mask.
 
-Keep = None | int | np.ndarray
+Keep = None | int | tuple[int, int] | np.ndarray
 
 
 def magnitude_keep(d: np.ndarray, density: float) -> Keep:
@@ -168,7 +169,21 @@ def breadcrumbs_keep(d: np.ndarray, density: float, gamma: float) -> Keep:
     n_bot = n - target - n_top
     if n_bot < 0:
         n_top, n_bot = n_top + n_bot, 0
-    mag = np.abs(d)
+    keys = np.abs(d).reshape(-1).view(np.int32)
+    # Kept: ascending ranks n_bot .. n - n_top - 1. Where no run of equal magnitudes
+    # straddles either end, that is the key range (lo, hi]: two comparisons per entry
+    # instead of two selection masks.
+    lo, hi = -1, int(np.iinfo(np.int32).max)
+    clean = True
+    if n_bot > 0:
+        lo, above, _ = kth_largest_counts(keys, n - n_bot + 1)  # the n_bot-th smallest
+        clean = n - above == n_bot
+    if n_top > 0 and clean:
+        hi, above, _ = kth_largest_counts(keys, n_top + 1) if n_top < n else (-1, n, 0)
+        clean = n - above == n - n_top
+    if clean:
+        return (lo, hi)
+    mag = keys.view(F32).reshape(d.shape)
     return bottom_k_mask(mag, n - n_top) & ~bottom_k_mask(mag, n_bot)
 
 
@@ -203,17 +218,17 @@ def _apply(d: np.ndarray, keep: Keep) -> np.ndarray:
     """``d`` with the entries ``keep`` drops zeroed (in place)."""
     if keep is None:
         return d
-    if isinstance(keep, np.ndarray):
-        return np.multiply(d, keep, out=d)
-    d[np.abs(d).view(np.int32) < keep] = 0
-    return d
+    return np.multiply(d, _kept(d, keep, slice(None)), out=d)
 
 
 def _kept(d: np.ndarray, keep: Keep, c: slice) -> np.ndarray | None:
     """Boolean mask of the entries of chunk ``d`` (chunk ``c`` of the delta) to keep."""
     if keep is None or isinstance(keep, np.ndarray):
         return None if keep is None else keep[c]
-    return (d.view(np.int32) & 0x7FFFFFFF) >= keep  # |d| >= threshold on the bits, NaN too
+    bits = d.view(np.int32) & 0x7FFFFFFF  # |d| on the bits (NaN the largest)
+    if isinstance(keep, tuple):
+        return (bits > keep[0]) & (bits <= keep[1])
+    return bits >= keep
 
 
 def _l1_scale(d: np.ndarray, keep: Keep) -> np.float32:
