@@ -98,6 +98,14 @@ def _inside(child: str, parent: str) -> bool:
     return child.startswith(parent.rstrip("/") + "/")
 
 
+def check_output(out: storage.PathLike, format: str, overwrite: bool) -> None:
+    """``format`` is ``"hf"`` or ``"orbax"`` and ``out`` is free (or a model that may be
+    replaced); called before any work."""
+    if format not in ("orbax", "hf"):
+        raise DemError(f"--format: must be 'hf' or 'orbax', got {format!r}")
+    check_writable(out, overwrite)
+
+
 def check_writable(
     dst: storage.PathLike, overwrite: bool, signature: Sequence[str] = MODEL_SIGNATURE
 ) -> None:

@@ -17,7 +17,7 @@ from dem_jax.errors import DemError
 from dem_jax.io import storage
 from dem_jax.io.assets import has_tokenizer, stage_assets
 from dem_jax.io.hf.directory import DEFAULT_MAX_SHARD_BYTES
-from dem_jax.io.outputs import check_disjoint, check_writable
+from dem_jax.io.outputs import check_disjoint, check_output
 from dem_jax.merge.host import ENGINES, run_host
 from dem_jax.merge.registry import get_method
 from dem_jax.merge.request import MergeRequest, check_layer_ranges, load_merge_config
@@ -56,9 +56,7 @@ def merge_from_config(
         raise DemError(f"--engine: must be one of {', '.join(ENGINES)}, got {engine!r}")
     req = config if isinstance(config, MergeRequest) else load_merge_config(config)
     check_disjoint(out, req.input_paths(), "--out")
-    if format not in ("orbax", "hf"):
-        raise DemError(f"--format: must be 'hf' or 'orbax', got {format!r}")
-    check_writable(out, overwrite)
+    check_output(out, format, overwrite)
     if seed is not None and seed < 0:
         raise DemError(f"--seed: expected a non-negative integer, got {seed}")
     seed = req.seed if seed is None else seed

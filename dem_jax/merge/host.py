@@ -44,7 +44,7 @@ from dem_jax.io.hf.config import from_hf_config, to_hf_config
 from dem_jax.io.hf.directory import finish_hf_directory, hf_writer
 from dem_jax.io.hf.safetensors_reader import SafetensorsCheckpoint
 from dem_jax.io.hf.safetensors_writer import TensorSpec
-from dem_jax.io.hf.weights import TensorMap, tensor_maps, tensor_names
+from dem_jax.io.hf.weights import hf_names, tensor_maps
 from dem_jax.io.modeldir import HF_CONFIG, model_format
 from dem_jax.io.outputs import atomic_directory
 from dem_jax.io.storage import read_json
@@ -217,7 +217,7 @@ class HostMerge:
             self.config = self.config.replace(vocab_size=self.voc.size)
         cfg = self.config
         self.tmaps = tensor_maps(cfg)
-        names = [n for t in self.tmaps for n in _names(t, cfg)]
+        names = [n for t in self.tmaps for n in hf_names(t, cfg)]
         for x in self.inputs:
             if set(x.ckpt.keys()) != set(names):
                 return f"{x.label} holds other tensors than a {cfg.architecture} has"
@@ -300,7 +300,7 @@ class HostMerge:
         cfg = self.config
         for t in self.tmaps:
             leaf = self.values[t.path]
-            for i, name in enumerate(_names(t, cfg)):
+            for i, name in enumerate(hf_names(t, cfg)):
                 yield name, *_tensor_values(self.method, leaf, i)
 
     # -- the whole merge
@@ -317,7 +317,7 @@ class HostMerge:
         specs = [
             TensorSpec(n, self._shape(ref, n), np_dtype, code)
             for t in self.tmaps
-            for n in _names(t, self.config)
+            for n in hf_names(t, self.config)
         ]
         workers = max(1, min(len(os.sched_getaffinity(0)), 8))
         hf_config = next(x.hf_config for x in self.inputs)
@@ -345,10 +345,6 @@ class HostMerge:
         if self.voc is not None and name in VOCAB_TENSORS:
             return (self.voc.size, *shape[1:])
         return shape
-
-
-def _names(tmap: TensorMap, config: ModelConfig) -> list[str]:
-    return tensor_names(tmap, range(config.num_layers), range(config.num_experts))
 
 
 def _tensor_values(method, leaf: LeafValues, i: int) -> tuple[dict, dict]:

@@ -92,17 +92,28 @@ def kth_largest_counts(keys: np.ndarray, k: int) -> tuple[int, int, int]:
     return v, int(np.count_nonzero(keys > v)), int(np.count_nonzero(keys == v))
 
 
-def top_k_mask(mag: np.ndarray, k: int) -> np.ndarray:
-    """Boolean mask of the ``k`` largest entries of non-negative ``mag`` (flat), equal
-    values taken lower index first (``dem_jax.merge.sparsify.top_k_mask``)."""
+def top_k(mag: np.ndarray, k: int) -> Keep:
+    """The ``k`` largest entries of non-negative float32 ``mag``, equal values taken
+    lower index first (``dem_jax.merge.sparsify.top_k_mask``), as a :data:`Keep`: all
+    (None), a key threshold where no tie straddles it, else a mask."""
     n = mag.size
     if k <= 0:
         return np.zeros(mag.shape, bool)
     if k >= n:
-        return np.ones(mag.shape, bool)
+        return None
     keys = mag.reshape(-1).view(np.int32)  # a non-negative float's bits order like it
-    v = kth_largest(keys, k)
+    v, above, at = kth_largest_counts(keys, k)
+    if above + at == k:
+        return v  # every element at the threshold is kept: a plain comparison
     return _take_ties(keys > v, keys == v, k).reshape(mag.shape)
+
+
+def top_k_mask(mag: np.ndarray, k: int) -> np.ndarray:
+    """:func:`top_k` as a boolean mask."""
+    keep = top_k(mag, k)
+    if keep is None:
+        return np.ones(mag.shape, bool)
+    return keep if isinstance(keep, np.ndarray) else mag.view(np.int32) >= keep
 
 
 def bottom_k_mask(mag: np.ndarray, k: int) -> np.ndarray:
@@ -146,17 +157,8 @@ def magnitude_keep(d: np.ndarray, density: float) -> Keep:
     ``max(1, int(density * numel))`` largest ``|d|`` (none for density <= 0)."""
     if density >= 1:
         return None
-    n = d.size
-    k = max(_count(density, n), 1) if density > 0 else 0
-    if k <= 0:
-        return np.zeros(d.shape, bool)
-    if k >= n:
-        return None
-    keys = np.abs(d).reshape(-1).view(np.int32)
-    v, above, at = kth_largest_counts(keys, k)
-    if above + at == k:
-        return v  # every element at the threshold is kept: a plain comparison
-    return _take_ties(keys > v, keys == v, k).reshape(d.shape)
+    k = max(_count(density, d.size), 1) if density > 0 else 0
+    return top_k(np.abs(d), k)
 
 
 def breadcrumbs_keep(d: np.ndarray, density: float, gamma: float) -> Keep:

@@ -15,14 +15,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from dem_jax.errors import DemError
 from dem_jax.io import storage
 from dem_jax.io.hf.checkpoint import DEFAULT_MAX_SHARD_BYTES, finish_hf_directory, hf_writer
 from dem_jax.io.hf.config import to_hf_config
 from dem_jax.io.hf.weights import hf_names, hf_tensor_specs, per_tensor
 from dem_jax.io.modeldir import Model
 from dem_jax.io.models import save_model
-from dem_jax.io.outputs import atomic_directory, check_writable
+from dem_jax.io.outputs import atomic_directory, check_output
 from dem_jax.io.progress_bar import progress_bar
 from dem_jax.io.tree import set_leaf
 from dem_jax.merge.engine import MergePlan
@@ -88,14 +87,6 @@ def write_plan(
     return write_model(
         model, out, format=format, overwrite=overwrite, max_shard_bytes=max_shard_bytes
     )
-
-
-def check_output(out: str | os.PathLike, format: str, overwrite: bool) -> None:
-    """``format`` is ``"hf"`` or ``"orbax"`` and ``out`` is free (or a model that may be
-    replaced); called before any work."""
-    if format not in ("orbax", "hf"):
-        raise DemError(f"--format: must be 'hf' or 'orbax', got {format!r}")
-    check_writable(out, overwrite)
 
 
 def write_model(

@@ -34,8 +34,8 @@ from dem_jax.io import storage
 from dem_jax.io.hf.checkpoint import DEFAULT_MAX_SHARD_BYTES
 from dem_jax.io.modeldir import Model
 from dem_jax.io.models import load_model, read_model_config
-from dem_jax.io.outputs import check_disjoint
-from dem_jax.merge.output import check_output, write_model
+from dem_jax.io.outputs import check_disjoint, check_output
+from dem_jax.merge.output import write_model
 from dem_jax.merge.params import Settings, resolve, settings_chain
 from dem_jax.merge.registry import DATA_METHODS, get_method
 from dem_jax.merge.request import MergeRequest
