@@ -158,7 +158,7 @@ BAD = [
         {"merge_method": "model_stock", "models": [{"model": "ft1"}], "parameters": {}},
         "needs at least 2 model",
     ),
-    ({"modules": {}}, "modules (per-module merges) is not supported"),
+    ({"modules": {"default": {"models": []}}}, "give exactly one of 'models', 'slices' or"),
     ({"tokenizer": {"source": 3}}, "tokenizer.source: expected 'union', 'base' or a model"),
     ({"chat_template": "chat-ml"}, "chat_template: 'chat-ml' is neither 'auto'"),
     ({"out_dtype": "float64"}, "out_dtype: 'float64' is not one of"),
@@ -166,7 +166,7 @@ BAD = [
     ({"random_seed": -1}, "random_seed: expected a non-negative integer"),
     (
         {"slices": [{"sources": [{"model": "ft1", "layer_range": [0, 3]}]}] * 2},
-        "give exactly one of 'models' or 'slices'",
+        "give exactly one of 'models', 'slices' or 'modules'",
     ),
 ]
 

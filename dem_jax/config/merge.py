@@ -69,11 +69,33 @@ class OutputSlice:
     sources: list[SliceSource] | None = None
     base_model: Any = None
     parameters: dict[str, Any] | None = None
-    residual_weight: Any = field(default=None, metadata={"unsupported": "residual_weight"})
+    # mergekit 0.1.5 parses residual_weight and never reads it: accepted, and ignored
+    # with a warning (request.py), so a mergekit YAML merges to mergekit's tensors.
+    residual_weight: float | None = None
 
     def __post_init__(self):
         if not self.sources:
             raise DemError("sources: expected a non-empty list")
+
+
+# mergekit names the one module of a single-module architecture "default"; every
+# family dem-jax supports has one module (multi-modal models have several).
+DEFAULT_MODULE = "default"
+
+
+@dataclass
+class OutputModule:
+    """One entry of ``modules:`` (mergekit's ``OutputModuleDefinition``): a merge of one
+    module of the architecture, by ``models`` or ``slices``, with its own settings
+    (below a slice's and above the top-level ones)."""
+
+    models: list[ModelEntry] | None = None
+    slices: list[OutputSlice] | None = None
+    parameters: dict[str, Any] | None = None
+
+    def __post_init__(self):
+        if (self.models is None) == (self.slices is None):
+            raise DemError("give exactly one of 'models' or 'slices'")
 
 
 @dataclass
@@ -91,7 +113,9 @@ class MergeConfig:
     random_seed: int = 0  # dem-jax: seed of the random methods (mergekit ignores it)
     # dem-jax, fisher/regmean only: batching keys at the top level.
     data: DataOptions | None = field(default=None, metadata={"inline": True})
-    modules: Any = field(default=None, metadata={"unsupported": "modules (per-module merges)"})
+    # mergekit's per-module form; dem-jax's families have one module, "default", so
+    # `modules: {default: {...}}` is the same merge as its models/slices at the top.
+    modules: dict[str, OutputModule] | None = None
     tokenizer: dict[str, Any] | None = None  # source, tokens, pad_to_multiple_of (merge/vocab.py)
     chat_template: str | None = None  # "auto", a template mergekit ships, or a Jinja template
 
@@ -109,7 +133,15 @@ class MergeConfig:
             raise DemError(
                 f"random_seed: expected a non-negative integer, got {self.random_seed!r}"
             )
-        if (self.models is None) == (self.slices is None):
-            raise DemError("give exactly one of 'models' or 'slices'")
+        given = [k for k in ("models", "slices", "modules") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise DemError("give exactly one of 'models', 'slices' or 'modules'")
+        if self.modules is not None:
+            names = list(self.modules)
+            if names != [DEFAULT_MODULE]:
+                raise DemError(
+                    f"modules: dem-jax's model families have one module, "
+                    f"{DEFAULT_MODULE!r} (as mergekit names it); got {names}"
+                )
         if self.models is not None and not self.models:
             raise DemError("models: expected a non-empty list")

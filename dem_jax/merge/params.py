@@ -5,8 +5,9 @@
   one by the name of that model's input tensor, which differs when a slice takes
   other layers), from a chain of settings, highest precedence first: the model's own
   ``parameters`` (per-model parameters only), the slice's ``parameters``, the
-  top-level ``parameters``; the first setting that yields a value wins, else the
-  method's default, else the parameter is missing (an error).
+  module's (``modules: {default: {parameters}}``), the top-level ``parameters``; the
+  first setting that yields a value wins, else the method's default, else the
+  parameter is missing (an error).
 * A setting is a scalar; a list of scalars (a *gradient*: interpolated linearly
   over the decoder layers, ``t = layer / (num_layers - 1)``, or over the layers of
   an output slice, ``t = k / (n - 1)`` for its k-th of n layers; embeddings, the final

@@ -16,7 +16,12 @@ mergekit ignores).
 ``tokenizer_source: union`` and the ``tokenizer`` section (models with different
 vocabularies, :mod:`dem_jax.merge.vocab`) with ``models:``.
 
-Refused with a DemError (mergekit has it, we do not): ``modules``; ``residual_weight``;
+``modules: {default: ...}`` (mergekit's per-module form; our families have one
+module, ``default``) is the same merge, its ``parameters`` one scope between a slice's
+and the top-level ones. ``residual_weight`` is ignored with a warning (as mergekit 0.1.5
+ignores it).
+
+Refused with a DemError (mergekit has it, we do not): other module names;
 several slices or partial layer ranges for the data-aware methods; vocabulary merging
 with ``slices:`` or the data-aware methods; LoRA (``model+lora``) and
 Hub references (model paths must be HF or dem-jax directories, relative to the YAML's
@@ -38,12 +43,19 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from dem_jax.config.loader import load_yaml, parse_config
-from dem_jax.config.merge import DataOptions, MergeConfig, ModelEntry, OutputSlice
+from dem_jax.config.merge import (
+    DEFAULT_MODULE,
+    DataOptions,
+    MergeConfig,
+    ModelEntry,
+    OutputSlice,
+)
 from dem_jax.errors import DemError
 from dem_jax.io import storage
 from dem_jax.io.modeldir import HF_CONFIG, model_format
@@ -153,26 +165,72 @@ def _data_path(method: MergeMethod, value: Any, folder: Path, where: str) -> Pat
     return path
 
 
-def _entries(cfg: MergeConfig) -> tuple[list[tuple[ModelEntry, str]], dict[str, Any], Any]:
+@dataclass(frozen=True)
+class _Body:
+    """What a MERGE.yaml merges: its ``models`` or ``slices`` (at the top or in its one
+    module), where they were written, and the settings above them, highest first."""
+
+    models: list[ModelEntry] | None
+    slices: list[OutputSlice] | None
+    prefix: str  # "" at the top, "modules.default." in a module
+    scopes: list[tuple[dict[str, Any], str]]  # (settings, where): the module's, the global
+
+
+def _body(cfg: MergeConfig) -> _Body:
+    """The top-level form, or ``modules: {default: ...}`` read as the same merge with the
+    module's ``parameters`` between a slice's and the global ones (mergekit's
+    ``ConfigReader.parameter_sources``)."""
+    scopes = [(dict(cfg.parameters or {}), "parameters")]
+    if cfg.modules is None:
+        return _Body(cfg.models, cfg.slices, "", scopes)
+    module = cfg.modules[DEFAULT_MODULE]
+    prefix = f"modules.{DEFAULT_MODULE}."
+    if module.models is not None and not module.models:
+        raise DemError(f"{prefix}models: expected a non-empty list")
+    if module.slices is not None and not module.slices:
+        raise DemError(f"{prefix}slices: expected a non-empty list")
+    own = (dict(module.parameters or {}), f"{prefix}parameters")
+    return _Body(module.models, module.slices, prefix, [own, *scopes])
+
+
+def _entries(
+    body: _Body, cfg: MergeConfig
+) -> tuple[list[tuple[ModelEntry, str]], dict[str, Any], Any]:
     """(each input with where it was written, the slice's settings, the base reference)."""
-    if cfg.models is not None:
-        return [(m, f"models[{i}]") for i, m in enumerate(cfg.models)], {}, cfg.base_model
-    if len(cfg.slices) != 1:
+    at = body.prefix
+    if body.models is not None:
+        return [(m, f"{at}models[{i}]") for i, m in enumerate(body.models)], {}, cfg.base_model
+    if len(body.slices) != 1:
         raise DemError(
-            f"slices: merge_method {cfg.merge_method} merges whole models: give one "
+            f"{at}slices: merge_method {cfg.merge_method} merges whole models: give one "
             "output slice spanning every layer (or models:)"
         )
-    (out,) = cfg.slices
-    entries = [(s, f"slices[0].sources[{i}]") for i, s in enumerate(out.sources)]
+    (out,) = body.slices
+    _warn_residual_weight(out, f"{at}slices[0]")
+    entries = [(s, f"{at}slices[0].sources[{i}]") for i, s in enumerate(out.sources)]
     base = out.base_model if out.base_model is not None else cfg.base_model
     return entries, out.parameters or {}, base
 
 
+def _warn_residual_weight(out: OutputSlice, where: str) -> None:
+    if out.residual_weight is not None:
+        print(
+            f"dem-jax: warning: {where}.residual_weight is ignored, as mergekit 0.1.5 "
+            "ignores it (it parses the key and never reads it)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
 def _slice(
-    out: OutputSlice, i: int, method: MergeMethod, folder: Path, default_base: Path | None
+    out: OutputSlice,
+    where: str,
+    method: MergeMethod,
+    folder: Path,
+    default_base: Path | None,
 ) -> SliceRequest:
     """One output slice checked: paths, equal range lengths, settings, its base."""
-    where = f"slices[{i}]"
+    _warn_residual_weight(out, where)
     ref = out.base_model
     base = default_base if ref is None else _model_path(ref, folder, f"{where}.base_model")
     req = SliceRequest([], [], [], [], parameters=dict(out.parameters or {}), where=where)
@@ -233,10 +291,10 @@ def parse_merge_config(data: Any, path: str | os.PathLike) -> MergeRequest:
         raise DemError(f"{path}: {e}") from None
 
 
-def _models(cfg: MergeConfig, method: MergeMethod, folder: Path):
+def _models(cfg: MergeConfig, body: _Body, method: MergeMethod, folder: Path):
     """``models:`` (or a data-aware method's one full slice): (base, paths, per-model
     settings, layer ranges, data files, the settings chain)."""
-    entries, slice_params, base_ref = _entries(cfg)
+    entries, slice_params, base_ref = _entries(body, cfg)
     base = _model_path(base_ref, folder, "base_model") if base_ref is not None else None
     paths, params, layer_ranges, model_data = [], [], [], []
     for entry, where in entries:
@@ -255,10 +313,10 @@ def _models(cfg: MergeConfig, method: MergeMethod, folder: Path):
         layer_ranges.append(None if lr is None else tuple(lr))
         model_data.append(_data_path(method, entry.data, folder, f"{where}.data"))
 
-    global_params = dict(cfg.parameters or {})
-    chain = [slice_params, global_params] if slice_params else [global_params]
-    scopes = [(slice_params, "slices[0].parameters")] if slice_params else []
-    for settings, where in [*scopes, (global_params, "parameters")]:
+    scopes = [(slice_params, f"{body.prefix}slices[0].parameters")] if slice_params else []
+    scopes += body.scopes
+    chain = [settings for settings, _ in scopes]
+    for settings, where in scopes:
         check_parameters(method, settings, where, per_model=False)
         if method.data:
             check_scalar_settings(method, settings, where)
@@ -292,17 +350,21 @@ def _request(cfg: MergeConfig, data: dict[str, Any], path: Path) -> MergeRequest
                     f"{key}: merge_method {method.name} reads no data "
                     f"(only {', '.join(DATA_METHODS)} do)"
                 )
-    if cfg.slices is not None and not method.data:
+    body = _body(cfg)
+    if body.slices is not None and not method.data:
         base = None if cfg.base_model is None else _model_path(cfg.base_model, folder, "base_model")
-        slices = [_slice(out, i, method, folder, base) for i, out in enumerate(cfg.slices)]
-        global_params = dict(cfg.parameters or {})
-        check_parameters(method, global_params, "parameters", per_model=False)
+        slices = [
+            _slice(out, f"{body.prefix}slices[{i}]", method, folder, base)
+            for i, out in enumerate(body.slices)
+        ]
+        for settings, where in body.scopes:
+            check_parameters(method, settings, where, per_model=False)
         paths = list({p.resolve(): p for s in slices for p in s.models}.values())
         params, layer_ranges, model_data = [{} for _ in paths], [None] * len(paths), []
-        chain = [global_params]
+        chain = [settings for settings, _ in body.scopes]
     else:
         slices = None
-        base, paths, params, layer_ranges, model_data, chain = _models(cfg, method, folder)
+        base, paths, params, layer_ranges, model_data, chain = _models(cfg, body, method, folder)
 
     tok = cfg.tokenizer_source
     vocabulary = vocabulary_spec(
