@@ -210,7 +210,7 @@ def test_host_merge_does_not_import_jax(request, tmp_path, which):
 @pytest.mark.parametrize("method", ["dare_ties", "dare_linear", "della", "della_linear"])
 def test_random_methods_seeded_per_engine(family, tmp_path, method):
     """Each engine is reproducible for a seed and changes with it; the two draw other
-    numbers (PCG64 here, threefry there) from the same distribution: the same share
+    numbers (SFC64 here, threefry there) from the same distribution: the same share
     of each delta is kept (density 0.4) and, with rescale, its L1 norm is kept."""
     models = [
         {"model": str(family[1]), "parameters": {"weight": 1.0, "density": 0.4, "epsilon": 0.1}}
@@ -351,3 +351,63 @@ def test_breadcrumbs_key_range_equals_its_masks(case, density, gamma):
     keep = hk.breadcrumbs_keep(d, density, gamma)
     got = keep if isinstance(keep, np.ndarray) else hk._kept(d, keep, slice(None))
     np.testing.assert_array_equal(got.reshape(-1), expected)
+
+
+def _della_reference(d, density, epsilon, u):
+    """DELLA's keep by its definition: p = density - epsilon + 2 epsilon r / (m - 1), r
+    the stable rank of |d| in its row, kept where u < p (float64); zeros dropped."""
+    m = d.shape[-1]
+    mag = np.abs(d.astype(np.float64)).reshape(-1, m)
+    rank = np.empty(mag.shape)
+    np.put_along_axis(rank, np.argsort(mag, axis=-1, kind="stable"), np.arange(m)[None], -1)
+    p = density - epsilon + 2 * epsilon * rank / (m - 1)
+    return ((u.reshape(-1, m) < p) & (mag != 0)).reshape(d.shape)
+
+
+@pytest.mark.parametrize("case", ["continuous", "ties", "zeros", "bfloat16"])
+def test_della_keep_is_its_definition(case):
+    # della_keep ranks by comparing |d| with its row sorted at a random position (no
+    # argsort), ranking exactly only rows where a repeated magnitude sits there; zeros
+    # are dropped (they add nothing either way).
+    rng = np.random.default_rng(3)
+    d = (0.01 * rng.standard_normal((96, 160))).astype(np.float32)
+    if case == "ties":
+        d = np.round(d * 400).astype(np.float32) / 400  # ~20 values a row repeat often
+    elif case == "zeros":
+        d[rng.random(d.shape) < 0.3] = 0
+    elif case == "bfloat16":
+        d = hk.bf16_to_f32(hk.f32_to_bf16(d))
+    u = hk.uniform_from_bits(hk.random_bits(np.random.SFC64(5), d.shape))
+    for density, epsilon in [(0.5, 0.1), (0.3, 0.3), (0.9, 0.05), (0.5, 0.0)]:
+        ours, ref = hk.della_keep(d, density, epsilon, u), _della_reference(d, density, epsilon, u)
+        # u near a probability step may round across it in float32 (v's formula): a
+        # handful of entries at most, never a systematic difference
+        assert np.sum(ours != ref) <= 2, (case, density, epsilon, np.sum(ours != ref))
+
+
+def test_della_keep_rates_follow_the_rank():
+    # Over many rows, the smallest |d| of each row is kept at density - epsilon, the
+    # largest at density + epsilon, the median in between.
+    rng = np.random.default_rng(0)
+    d = rng.standard_normal((20000, 65)).astype(np.float32)
+    u = hk.uniform_from_bits(hk.random_bits(np.random.SFC64(1), d.shape))
+    keep = hk.della_keep(d, 0.5, 0.2, u)
+    order = np.argsort(np.abs(d), axis=-1)
+    rows = np.arange(d.shape[0])
+    for pos, want in [(0, 0.3), (32, 0.5), (64, 0.7)]:
+        rate = keep[rows, order[:, pos]].mean()
+        assert abs(rate - want) < 0.015, (pos, rate, want)
+
+
+def test_random_bits_and_dare_keep_rates():
+    bits = hk.random_bits(np.random.SFC64(0), (1001, 999))
+    assert bits.dtype == np.uint32 and bits.shape == (1001, 999)
+    u = hk.uniform_from_bits(bits)
+    assert u.dtype == np.float32 and u.min() >= 0 and u.max() < 1
+    assert np.all(u * 2**24 == np.floor(u * 2**24))  # multiples of 2^-24
+    assert abs(u.mean() - 0.5) < 1e-3 and abs(u.var() - 1 / 12) < 1e-3
+    d = np.ones(bits.shape, np.float32)
+    for density in (0.0, 0.1, 0.5, 0.97):
+        rate = hk.random_keep(d, density, bits).mean()
+        assert abs(rate - density) < 2e-3, (density, rate)
+    assert hk.random_keep(d, 1.0, bits) is None

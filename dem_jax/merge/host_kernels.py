@@ -15,6 +15,7 @@ kernel runs a radix select: XLA:CPU has no fast selection and a sort shards badl
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -189,31 +190,83 @@ def breadcrumbs_keep(d: np.ndarray, density: float, gamma: float) -> Keep:
     return bottom_k_mask(mag, n - n_top) & ~bottom_k_mask(mag, n_bot)
 
 
-def random_keep(d: np.ndarray, density: float, uniform: np.ndarray) -> Keep:
-    """DARE (``sparsify_random``): keep each entry where its uniform < density."""
+def random_bits(gen: np.random.BitGenerator, shape: tuple[int, ...]) -> np.ndarray:
+    """Uniform uint32 values of ``shape``: the generator's raw 64-bit outputs split in
+    two (no float conversion on the way)."""
+    n = int(np.prod(shape, dtype=np.int64))
+    raw = gen.random_raw((n + 1) // 2)
+    return raw.view(np.uint32)[:n].reshape(shape)
+
+
+def uniform_from_bits(bits: np.ndarray) -> np.ndarray:
+    """float32 uniforms on [0, 1) from uint32 bits: the top 24 bits times 2^-24 (every
+    float32 multiple of 2^-24, equally likely, as ``Generator.random(dtype=float32)``)."""
+    u = (bits >> 8).view(np.int32).astype(F32)  # int32 -> float32: one instruction
+    u *= F32(2.0**-24)
+    return u
+
+
+def random_keep(d: np.ndarray, density: float, bits: np.ndarray) -> Keep:
+    """DARE (``sparsify_random``): keep each entry with probability ``density``, as
+    ``bits < floor(density * 2^32)`` on uniform uint32 ``bits`` (exact to 2^-32, finer
+    than a float32 uniform's 2^-24)."""
     if density >= 1:
         return None
-    return uniform < F32(density)
+    threshold = np.uint32(max(0, math.floor(density * 2.0**32)))
+    return bits < threshold
 
 
 def della_keep(d: np.ndarray, density: float, epsilon: float, uniform: np.ndarray) -> Keep:
-    """DELLA MagPrune (``sparsify_della`` on the HF tensor): keep each entry where its
-    uniform < p, p spread from density - epsilon (smallest |d| of its row) to density
-    + epsilon (largest), by rank within each row (a 1-D tensor is one row)."""
+    """DELLA MagPrune (``sparsify_della`` on the HF tensor): keep each entry with
+    probability p = density - epsilon + 2 epsilon r / (m - 1), r the rank of its |d|
+    within its row of m (0 the smallest; a 1-D tensor is one row), as ``uniform < p``.
+
+    Without ranking every entry: ``uniform < p`` is ``r > v``, ``v = (uniform - density
+    + epsilon) (m - 1) / (2 epsilon)``, and for ``j = floor(v)`` in [0, m - 1) that is
+    ``|d| > S[j]``, S the row sorted (``|d| < S[j]`` means r < j; keys as int32 bits,
+    so one integer sort per row). ``v < 0`` keeps, ``v >= m - 1`` drops. Where ``|d| ==
+    S[j]`` and that magnitude occurs more than once in the row, the row is ranked
+    exactly, equal magnitudes in flat order; a zero delta is dropped (kept or not, it
+    adds nothing).
+    """
     if density >= 1:
         return None
     if density <= 0:
         return np.zeros(d.shape, bool)
-    rows = np.abs(d).reshape(-1, d.shape[-1]) if d.ndim else np.abs(d).reshape(1, -1)
-    m = rows.shape[-1]
-    # One sort and a scatter (4x two stable sorts); equal magnitudes are ranked in no
-    # set order, as in mergekit (torch.argsort), unlike the JAX engine's stable sort.
-    order = np.argsort(rows, axis=-1)
-    rank = np.empty(rows.shape, F32)
-    np.put_along_axis(rank, order, np.arange(m, dtype=F32)[None, :], axis=-1)
-    norm = rank / F32(m - 1) if m > 1 else np.full(rows.shape, F32(0.5))
-    probs = F32(density - epsilon) + norm * F32(2 * epsilon)
-    return uniform < probs.reshape(d.shape)
+    m = d.shape[-1] if d.ndim else 1
+    keys = (d.view(np.int32) & 0x7FFFFFFF).reshape(-1, m)  # |d| as ordered integers
+    u = uniform.reshape(-1, m)
+    lo, width = F32(density - epsilon), F32(2 * epsilon)
+    if m == 1 or width == 0:
+        return (u < lo + width * F32(0.5 if m == 1 else 0)).reshape(d.shape) & (keys != 0)
+    v = u - lo
+    v *= F32(m - 1) / width
+    j = np.maximum(v, 0)  # np.clip costs 4x two plain ufuncs
+    np.minimum(j, F32(m - 2), out=j)
+    at = j.astype(np.intp)  # floor for v >= 0, a flat index once rows are added
+    at += np.arange(0, keys.size, m, dtype=np.intp)[:, None]
+    ordered = np.sort(keys, axis=-1)
+    s_j = ordered.reshape(-1).take(at)
+    keep = keys > s_j
+    keep &= v < m - 1
+    keep |= v < 0
+    # |d| == S[j]: the entry itself is S[j] (r == j: dropped, as keep says) unless its
+    # magnitude occurs more than once in the row, the rare case ranked exactly.
+    eq = np.flatnonzero(keys == s_j)
+    fv, fk = v.reshape(-1)[eq], keys.reshape(-1)[eq]
+    eq = eq[(fv >= 0) & (fv < m - 1) & (fk != 0)]
+    pos = at.reshape(-1)[eq]  # the flat index of S[j]
+    flat_s, here = ordered.reshape(-1), s_j.reshape(-1)[eq]
+    dup = (flat_s[np.maximum(pos - 1, 0)] == here) & (pos % m > 0)
+    dup |= flat_s[pos + 1] == here  # j <= m - 2: still in the row
+    rows = np.unique(eq[dup] // m)
+    if rows.size:  # exact ranks (stable: equal magnitudes in flat order) for those rows
+        order = np.argsort(keys[rows], axis=-1, kind="stable")
+        rank = np.empty(order.shape, F32)
+        np.put_along_axis(rank, order, np.arange(m, dtype=F32)[None, :], axis=-1)
+        keep[rows] = (rank > v[rows]) & (keys[rows] != 0)
+    keep &= keys != 0
+    return keep.reshape(d.shape)
 
 
 def _apply(d: np.ndarray, keep: Keep) -> np.ndarray:
@@ -235,9 +288,20 @@ def _kept(d: np.ndarray, keep: Keep, c: slice) -> np.ndarray | None:
 
 def _l1_scale(d: np.ndarray, keep: Keep) -> np.float32:
     """mergekit's ``rescaled_masked_tensor`` (L1): the factor that gives the kept
-    entries the whole delta's L1 norm (1 when either norm is < 1e-7)."""
-    before = np.abs(d).sum(dtype=F32)
-    after = np.abs(_apply(d.copy(), keep)).sum(dtype=F32)
+    entries the whole delta's L1 norm (1 when either norm is < 1e-7). Both norms in
+    one pass of cache-sized chunks (float32 sums per chunk, added in float64)."""
+    flat = d.reshape(-1)
+    mask = keep.reshape(-1) if isinstance(keep, np.ndarray) else keep
+    buf = np.empty(min(_CHUNK, flat.size), F32)
+    before = after = 0.0
+    for start in range(0, flat.size, _CHUNK):
+        c = slice(start, start + _CHUNK)
+        a = np.abs(flat[c], out=buf[: flat[c].size])
+        before += float(a.sum())
+        kept = _kept(flat[c], mask, c)
+        if kept is not None:
+            np.multiply(a, kept, out=a)
+        after += float(a.sum())
     if before >= _RESCALE_NORM_EPS and after >= _RESCALE_NORM_EPS:
         return F32(before / after)
     return F32(1)
