@@ -21,8 +21,8 @@ from test_merge import make_family
 
 from dem_jax import cli
 from dem_jax.errors import DemError
-from dem_jax.merge import host
 from dem_jax.merge import host_kernels as hk
+from dem_jax.merge import host_methods
 from dem_jax.merge.from_config import merge_from_config
 
 
@@ -272,7 +272,7 @@ def test_a_failed_merge_leaves_nothing(family, tmp_path, monkeypatch):
             raise DemError("disk on fire")
         return xs[0]
 
-    monkeypatch.setitem(host.KERNELS, "ties", failing)
+    monkeypatch.setitem(host_methods.KERNELS, "ties", failing)
     models = [{"model": str(p), "parameters": {"weight": 0.5, "density": 0.5}} for p in family[1:]]
     path = tmp_path / "m.yaml"
     path.write_text(yaml.safe_dump(config(family, "ties", models)))

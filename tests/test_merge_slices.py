@@ -91,9 +91,10 @@ def test_frankenmerge_as_mergekit_and_by_hand(family, tmp_path):
         np.testing.assert_array_equal(ours[name], want[name], err_msg=name)
     np.testing.assert_array_equal(ours["lm_head.weight"], b["lm_head.weight"])
 
-    # in memory (every input loaded, then sliced), and from a dem-jax (Orbax) copy of
-    # ft2, as streamed from Hugging Face files (only the slice's layers read)
-    merge_from_config(tmp_path / "merge.yaml", tmp_path / "mem", streaming=False)
+    # (the host executor above.) The JAX engine in memory (every input loaded, then
+    # sliced), and from a dem-jax (Orbax) copy of ft2, as streamed from Hugging Face
+    # files (only the slice's layers read)
+    merge_from_config(tmp_path / "merge.yaml", tmp_path / "mem", streaming=False, engine="jax")
     dem_jax.save_model(dem_jax.load_model(family[2]), tmp_path / "ft2", format="orbax")
     cfg["slices"][1]["sources"][0]["model"] = str(tmp_path / "ft2")
     (tmp_path / "orbax.yaml").write_text(yaml.safe_dump({"dtype": "float32", **cfg}))
@@ -110,7 +111,8 @@ def test_frankenmerge_as_mergekit_and_by_hand(family, tmp_path):
     np.testing.assert_allclose(logits, torch_logits(model, tokens), atol=1e-4, rtol=0)
 
 
-def test_slerp_gradients_run_within_each_slice(family, tmp_path):
+@pytest.mark.parametrize("engine", ["host", "jax"])
+def test_slerp_gradients_run_within_each_slice(family, tmp_path, engine):
     # t interpolates over each slice's two layers; the slice's own t matches its filter
     # against output names (layers.3 is the second slice's second layer, which no input
     # layer is called).
@@ -132,7 +134,7 @@ def test_slerp_gradients_run_within_each_slice(family, tmp_path):
             },
         ],
     }
-    (ours, theirs), (hf, mk_hf) = run_both(tmp_path, cfg)
+    (ours, theirs), (hf, mk_hf) = run_both(tmp_path, cfg, engine=engine)
     assert_same(ours, theirs)
     assert hf["num_hidden_layers"] == mk_hf["num_hidden_layers"] == 4
     # mlp: t = 0 at a slice's first layer (the base's layer 0), 1 at its last (ft1's layer 2)
@@ -145,7 +147,8 @@ def test_slerp_gradients_run_within_each_slice(family, tmp_path):
         np.testing.assert_allclose(ours[out], want, atol=TOL, rtol=0, err_msg=out)
 
 
-def test_ties_slices_with_a_base(family, tmp_path):
+@pytest.mark.parametrize("engine", ["host", "jax"])
+def test_ties_slices_with_a_base(family, tmp_path, engine):
     # Each slice lists the base with its own layers. ft1's weight filter names its input
     # layer 2, which lands on output layer 1 (slice 0) and output layer 3 (slice 1) ...
     # as mergekit reads it: by the input tensor's name, the slice's t for the gradient.
@@ -161,18 +164,19 @@ def test_ties_slices_with_a_base(family, tmp_path):
             {"sources": [src(base, 1, 3), src(ft1, 1, 3, **p1), src(ft2, 1, 3, **p2)]},
         ],
     }
-    (ours, theirs), (hf, mk_hf) = run_both(tmp_path, cfg)
+    (ours, theirs), (hf, mk_hf) = run_both(tmp_path, cfg, engine=engine)
     assert_same(ours, theirs)
     assert hf["num_hidden_layers"] == mk_hf["num_hidden_layers"] == 4
 
 
-def test_mixtral_frankenmerge_keeps_each_layers_experts(tmp_path):
+@pytest.mark.parametrize("engine", ["host", "jax"])
+def test_mixtral_frankenmerge_keeps_each_layers_experts(tmp_path, engine):
     a, b = make_family(tmp_path / "moe", n=1, case="mixtral")
     cfg = {
         "merge_method": "passthrough",
         "slices": [{"sources": [src(a, 0, 2)]}, {"sources": [src(b, 1, 3)]}],
     }
-    (ours, theirs), (hf, mk_hf) = run_both(tmp_path, cfg, mixtral_experts)
+    (ours, theirs), (hf, mk_hf) = run_both(tmp_path, cfg, mixtral_experts, engine=engine)
     assert_same(ours, theirs)
     assert hf["num_hidden_layers"] == mk_hf["num_hidden_layers"] == 4
     expert = "block_sparse_moe.experts.{j}.w2.weight"

@@ -174,3 +174,36 @@ def test_without_a_tokenizer_source_different_vocabularies_are_refused(family, t
     code = cli.main(["merge", str(path), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert code == 2 and "dem-jax: error:" in err, err
+
+
+def _src(path, start, end, **parameters):
+    return {"model": str(path), "layer_range": [start, end], "parameters": parameters}
+
+
+@pytest.mark.parametrize("kind", ["ties_slices", "frankenmerge"])
+def test_union_with_slices_equals_mergekit(family, tmp_path, kind):
+    # The embeddings come from the first slice's sources, lm_head from the last's, each
+    # re-indexed to the union's tokens as in a models: merge (host executor).
+    base, ft1, ft2 = family
+    p = {"weight": 0.6, "density": 0.7}
+    if kind == "ties_slices":
+        cfg = {
+            "merge_method": "ties",
+            "base_model": str(base),
+            "slices": [
+                {"sources": [_src(base, 0, 2), _src(ft1, 0, 2, **p), _src(ft2, 1, 3, **p)]},
+                {"sources": [_src(base, 2, 3), _src(ft1, 2, 3, **p), _src(ft2, 0, 1, **p)]},
+            ],
+        }
+    else:
+        cfg = {
+            "merge_method": "passthrough",
+            "slices": [
+                {"sources": [{"model": str(ft1), "layer_range": [0, 3]}]},
+                {"sources": [{"model": str(ft2), "layer_range": [1, 3]}]},
+            ],
+        }
+    cfg = {**cfg, "dtype": "float32", "tokenizer_source": "union"}
+    ours, theirs = run_both(family, tmp_path, cfg)
+    assert_same_by_token(ours, theirs)
+    assert json.loads((ours / "config.json").read_text())["vocab_size"] == VOCAB + 4

@@ -437,3 +437,8 @@ def model_stock(base: np.ndarray, models: Sequence[np.ndarray], filter_wise: boo
     t = np.where(singular, F32(0), n * cos_theta / np.where(singular, F32(1), denominator))
     w_avg = _sum0(ws) / F32(n)
     return (t * w_avg + (1 - t) * w0).astype(F32).reshape(shape)
+
+
+def passthrough(x: np.ndarray, scale: float) -> np.ndarray:
+    """``Passthrough.kernel``: the one input, times ``scale`` (1: the input itself)."""
+    return x if scale == 1 else x * F32(scale)

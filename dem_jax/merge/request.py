@@ -14,7 +14,7 @@ template: :mod:`dem_jax.merge.chat_template`); ``random_seed`` (a dem-jax key th
 mergekit ignores).
 
 ``tokenizer_source: union`` and the ``tokenizer`` section (models with different
-vocabularies, :mod:`dem_jax.merge.vocab`) with ``models:``.
+vocabularies, :mod:`dem_jax.merge.vocab`) with ``models:`` or ``slices:``.
 
 ``modules: {default: ...}`` (mergekit's per-module form; our families have one
 module, ``default``) is the same merge, its ``parameters`` one scope between a slice's
@@ -23,7 +23,7 @@ ignores it).
 
 Refused with a DemError (mergekit has it, we do not): other module names;
 several slices or partial layer ranges for the data-aware methods; vocabulary merging
-with ``slices:`` or the data-aware methods; LoRA (``model+lora``) and
+with the data-aware methods; LoRA (``model+lora``) and
 Hub references (model paths must be HF or dem-jax directories, relative to the YAML's
 folder). Stricter than mergekit: unknown keys and parameters the method does not take
 are errors (mergekit ignores them), ``density``/``gamma`` and slerp's ``t`` must lie in [0, 1].
@@ -370,11 +370,13 @@ def _request(cfg: MergeConfig, data: dict[str, Any], path: Path) -> MergeRequest
     vocabulary = vocabulary_spec(
         tok, cfg.tokenizer, base, [*([base] if base else []), *paths], _resolver(folder)
     )
-    if vocabulary is not None and (slices is not None or method.data):
+    if vocabulary is not None and method.data:
         if cfg.tokenizer is not None or tok == "union":
             what = "tokenizer" if cfg.tokenizer is not None else "tokenizer_source: union"
-            against = f"merge_method {method.name}" if method.data else "slices:"
-            raise DemError(f"{what}: vocabularies are merged for models: merges, not {against}")
+            raise DemError(
+                f"{what}: vocabularies are merged for models: and slices: merges, not "
+                f"merge_method {method.name}"
+            )
         vocabulary = None  # a named tokenizer_source: its files are copied, as before
     # whose tokenizer files the output copies (a re-indexed merge saves its own)
     tok_path = vocabulary.source if vocabulary is not None and tok not in (None, "union") else None

@@ -51,6 +51,7 @@ from dem_jax.merge.params import (
     resolve_values,
     settings_chain,
 )
+from dem_jax.merge.slice_rules import final_inputs, slices_of
 from dem_jax.merge.sources import Source, open_source
 from dem_jax.merge.tensor_layout import layer_names_and_ts
 from dem_jax.vectors.vector import Vector, check_compatible
@@ -240,21 +241,13 @@ class SlicePlan(MergePlan):
         }
 
     def _groups_of(self, tmap: TensorMap) -> list[tuple[int, _Group]]:
-        """Which slices merge a leaf: every slice its own layers; the embeddings the first
-        slice, the final norm and lm_head the last, cut to as many sources as the first
-        has (mergekit zips them with the first slice's weight list)."""
-        if tmap.stacked:
-            return list(enumerate(self.groups))
-        if tmap.path[0] == "embed":
-            return [(0, self.groups[0])]
-        s, last, cut = self.slices[-1], self.groups[-1], len(self.slices[0].sources)
-        kept = range(min(cut, len(s.sources)))
-        if s.base is not None and s.base not in kept:
-            raise DemError(
-                f"{s.name}: the final norm and lm_head are merged over its first {cut} "
-                "source(s), as in mergekit, which leaves out its base"
-            )
-        n = len([i for i in kept if i != s.base])
+        """Which slices merge a leaf (:func:`dem_jax.merge.slice_rules.slices_of`); the
+        final norm and lm_head only the last slice's first inputs (``final_inputs``)."""
+        index = slices_of(tmap, len(self.groups))
+        if tmap.stacked or tmap.path[0] == "embed":
+            return [(i, self.groups[i]) for i in index]
+        s, last = self.slices[-1], self.groups[-1]
+        n = final_inputs(len(self.slices[0].sources), len(s.sources), s.base, s.name)
         group = _Group(
             last.base,
             last.base_range,
