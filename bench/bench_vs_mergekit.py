@@ -10,9 +10,12 @@ method; the two commands alternate, ``--repeats`` times each, so a load change h
 both. Each is a fresh process: what a user waits for, start-up and imports included.
 dem-jax runs with ``--engine`` (auto: the host executor for these methods) and its
 compilation cache (as a user's second merge does) unless ``--cold``, which gives it
-an empty cache every time. Printed per row: the minimum and median wall time of each
-tool, mergekit / dem-jax (the speed-up, from the medians), and each tool's peak RSS
-(``os.wait4``) beside issue #12's goal, 1.2 x one model + 1 GiB.
+an empty cache every time. Methods are merge_method names (nuslerp, nearswap, sce,
+passthrough: a frankenmerge of two models, slerp_slices: slerp written as one slice
+with a filtered t gradient, as mergekit's examples write it). Printed per row: the
+minimum and median wall time of each tool, mergekit / dem-jax (the speed-up, from the
+medians), and each tool's peak RSS (``os.wait4``) beside issue #12's goal, 1.2 x one
+model + 1 GiB.
 """
 
 from __future__ import annotations
@@ -45,6 +48,38 @@ def merge_yaml(method: str, paths: list[Path], dtype: str = "float32") -> dict:
         return {**cfg, "models": [{"model": str(p)} for p in paths[1:]]}
     if method in ("ties", "dare_ties", "breadcrumbs_ties", "della"):
         return {**cfg, "models": models, "parameters": {"density": 0.5}}
+    if method == "nuslerp":  # two task vectors
+        return {**cfg, "models": models[:2]}
+    if method == "nearswap":
+        return {**cfg, "models": [{"model": str(paths[1])}], "parameters": {"t": 0.001}}
+    if method == "sce":
+        return {
+            **cfg,
+            "models": [{"model": str(p)} for p in paths[1:]],
+            "parameters": {"select_topk": 0.5},
+        }
+    if method == "passthrough":  # a frankenmerge: every layer of one, the top half of another
+        layers = json.loads((paths[1] / "config.json").read_text())["num_hidden_layers"]
+        del cfg["base_model"]
+        return {
+            **cfg,
+            "slices": [
+                {"sources": [{"model": str(paths[1]), "layer_range": [0, layers]}]},
+                {"sources": [{"model": str(paths[2]), "layer_range": [layers // 2, layers]}]},
+            ],
+        }
+    if method == "slerp_slices":  # how mergekit's examples write slerp: one slice
+        layers = json.loads((paths[1] / "config.json").read_text())["num_hidden_layers"]
+        t = [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]}, {"value": 0.5}]
+        return {
+            "merge_method": "slerp",
+            "base_model": str(paths[0]),
+            "dtype": dtype,
+            "slices": [
+                {"sources": [{"model": str(p), "layer_range": [0, layers]} for p in paths[:2]]}
+            ],
+            "parameters": {"t": t},
+        }
     return {**cfg, "models": models}
 
 

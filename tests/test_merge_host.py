@@ -246,13 +246,13 @@ def test_random_methods_seeded_per_engine(family, tmp_path, method):
 @pytest.mark.parametrize(
     "method, flags, needle",
     [
-        ("nuslerp", [], "merge_method nuslerp runs on the JAX engine"),
+        ("karcher", [], "merge_method karcher runs on the JAX engine"),
         ("ties", ["--format", "orbax"], "--format hf"),
         ("ties", ["--mesh", "fsdp=1"], "without a device mesh"),
     ],
 )
 def test_engine_host_says_why_not(family, tmp_path, capsys, method, flags, needle):
-    params = {"weight": 0.5} if method == "nuslerp" else {"weight": 0.5, "density": 0.5}
+    params = {} if method == "karcher" else {"weight": 0.5, "density": 0.5}
     models = [{"model": str(p), "parameters": params} for p in family[1:3]]
     path = tmp_path / "m.yaml"
     path.write_text(yaml.safe_dump(config(family, method, models)))
@@ -411,3 +411,38 @@ def test_random_bits_and_dare_keep_rates():
         rate = hk.random_keep(d, density, bits).mean()
         assert abs(rate - density) < 2e-3, (density, rate)
     assert hk.random_keep(d, 1.0, bits) is None
+
+
+# The interpolation methods and SCE on the host: (method, models' parameters, global
+# parameters, whether the base is given).
+MORE = [
+    ("nuslerp", [{"weight": 0.3}, {"weight": [0.6, 0.2]}], {}, True),
+    ("nuslerp", [{"weight": 0.3}, {"weight": 0.6}], {"nuslerp_flatten": False}, False),
+    (
+        "nuslerp",
+        [{"weight": 0.5}, {"weight": 0.4}],
+        {"nuslerp_flatten": False, "nuslerp_row_wise": True},
+        True,
+    ),
+    ("multislerp", [{"weight": 0.3}, {"weight": 0.6}, {"weight": 0.2}], {}, True),
+    ("multislerp", [{"weight": 1.0}, {"weight": 2.0}], {"normalize_weights": False}, False),
+    ("nearswap", [{}], {"t": [0.001, 0.02]}, True),
+    ("sce", [{}, {}, {}], {"select_topk": 0.4}, True),
+    ("sce", [{}, {}], {"select_topk": [{"filter": "mlp", "value": 1.0}, {"value": 0.7}]}, True),
+]
+
+
+@pytest.mark.parametrize(
+    "method, settings, shared, with_base", MORE, ids=[f"{m[0]}-{i}" for i, m in enumerate(MORE)]
+)
+def test_more_methods_equal_the_jax_engine(family, tmp_path, method, settings, shared, with_base):
+    models = [
+        {"model": str(p), "parameters": s} if s else {"model": str(p)}
+        for p, s in zip(family[1:], settings, strict=False)
+    ]
+    cfg = {"merge_method": method, "models": models, "parameters": shared, "dtype": "float32"}
+    if with_base:
+        cfg["base_model"] = str(family[0])
+    host_out, jax_out = both_engines(tmp_path, cfg)
+    # SCE's variance top-k is the same selection on both (entries left at the base)
+    assert_same_merge(host_out, jax_out, base=family[0] if method == "sce" else None, rtol=1e-5)

@@ -281,8 +281,9 @@ def _kept(d: np.ndarray, keep: Keep, c: slice) -> np.ndarray | None:
     if keep is None or isinstance(keep, np.ndarray):
         return None if keep is None else keep[c]
     bits = d.view(np.int32) & 0x7FFFFFFF  # |d| on the bits (NaN the largest)
-    if isinstance(keep, tuple):
-        return (bits > keep[0]) & (bits <= keep[1])
+    if isinstance(keep, tuple):  # lo < bits <= hi as one unsigned compare (wraps below lo)
+        bits -= np.int32(keep[0] + 1)
+        return bits.view(np.uint32) < np.uint32(keep[1] - keep[0])
     return bits >= keep
 
 
@@ -389,56 +390,29 @@ def _sum0(xs: Sequence) -> np.ndarray:
     return out
 
 
-def linear(models: Sequence[np.ndarray], weights: np.ndarray, normalize: bool) -> np.ndarray:
-    """``linear.linear``: ``Σ w_i θ_i``, over ``Σ w_i`` when ``normalize``."""
-    w = weights.astype(F32)
-    res = _sum0([m * w[i] for i, m in enumerate(models)])
-    if normalize:
-        res /= _sum0(list(w))
-    return res
-
-
-def slerp(a: np.ndarray, b: np.ndarray, t: float, dot_threshold: float = 0.9995, eps=1e-8):
-    """``slerp.slerp``: spherical interpolation from ``a`` (t = 0) to ``b`` (t = 1)."""
-    t = F32(t)
-    na = np.sqrt(np.dot(a.reshape(-1), a.reshape(-1)).astype(F32))
-    nb = np.sqrt(np.dot(b.reshape(-1), b.reshape(-1)).astype(F32))
-    an = a / na if na > eps else a
-    bn = b / nb if nb > eps else b
-    dot = F32(np.clip(np.dot(an.reshape(-1), bn.reshape(-1)), -1.0, 1.0))
-    if abs(dot) > dot_threshold:
-        return (1 - t) * a + t * b
-    theta_0 = np.arccos(dot)
-    sin_theta_0 = np.sin(theta_0)
-    theta_t = theta_0 * t
-    s0 = np.sin(theta_0 - theta_t) / sin_theta_0
-    s1 = np.sin(theta_t) / sin_theta_0
-    return s0 * a + s1 * b
-
-
-def model_stock(base: np.ndarray, models: Sequence[np.ndarray], filter_wise: bool) -> np.ndarray:
-    """``model_stock.model_stock`` on one HF tensor (rows = its last axis when
-    ``filter_wise``; a 1-D tensor is one row)."""
-    n = len(models)
-    shape = base.shape
-    rows = base.reshape(1, -1) if base.ndim < 2 else base
-    w0 = rows if filter_wise else base.reshape(-1)
-    ws = [m.reshape(w0.shape) for m in models]
-    offsets = [m - w0 for m in ws]
-    norms = [np.sqrt(np.einsum("...i,...i->...", o, o)) for o in offsets]
-    cos = []
-    for i in range(n):
-        for j in range(i + 1, n):
-            dot = np.einsum("...i,...i->...", offsets[i], offsets[j])
-            cos.append(np.clip(dot / np.maximum(norms[i] * norms[j], F32(1e-6)), -1, 1))
-    cos_theta = (_sum0(cos) / F32(len(cos)))[..., None]
-    denominator = 1 + (n - 1) * cos_theta
-    singular = np.abs(denominator) < 1e-6
-    t = np.where(singular, F32(0), n * cos_theta / np.where(singular, F32(1), denominator))
-    w_avg = _sum0(ws) / F32(n)
-    return (t * w_avg + (1 - t) * w0).astype(F32).reshape(shape)
-
-
-def passthrough(x: np.ndarray, scale: float) -> np.ndarray:
-    """``Passthrough.kernel``: the one input, times ``scale`` (1: the input itself)."""
-    return x if scale == 1 else x * F32(scale)
+def sce(base: np.ndarray, deltas: Sequence[np.ndarray], select_topk: float) -> np.ndarray:
+    """``sce.sce`` on task vectors (overwritten): keep the ``select_topk`` fraction of
+    entries of largest variance across the models (``int(nonzero · frac)`` of them,
+    equal variances taken in flat order), weigh each task vector by its mean square over
+    their sum, erase entries against the majority sign, and add
+    ``Σ_i w_i M_i d_i / max(Σ_i w_i M_i, 1e-6)`` to the base."""
+    n, frac = len(deltas), F32(select_topk)
+    if frac < 1:
+        keep = np.zeros(base.shape, bool)
+        if frac > 0:
+            mean = _sum0(deltas) / F32(n)  # jnp.var: the mean, then the mean square
+            var = _sum0([np.square(d - mean) for d in deltas]) / F32(n)
+            k = int(np.trunc(F32(np.count_nonzero(var)) * frac))
+            keep = top_k_mask(var, k)
+        for d in deltas:
+            np.multiply(d, keep, out=d)
+    power = [np.float64(np.dot(d.reshape(-1), d.reshape(-1))) / d.size for d in deltas]
+    total = sum(power)
+    w = [F32(1 / n) if abs(total) < 1e-6 else F32(p / total) for p in power]
+    s = np.where(_sum0(deltas) >= 0, F32(1), F32(-1))
+    mixed, divisor = np.zeros_like(base), np.zeros_like(base)
+    for i, d in enumerate(deltas):
+        wm = (np.sign(d) == s) * w[i]  # w_i M_i
+        mixed += d * wm
+        divisor += wm
+    return base + mixed / np.maximum(divisor, F32(1e-6))

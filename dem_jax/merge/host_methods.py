@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from dem_jax.merge import host_geometry as geo
 from dem_jax.merge import host_kernels as hk
 
 
@@ -48,6 +49,17 @@ def _task_arithmetic(sparsifier: str | None, consensus: bool) -> Callable:
     return kernel
 
 
+def _nuslerp(base, xs, v, flags):
+    """Two models, or their task vectors when there is a base."""
+    t = geo.nuslerp_t(*v["weight"])
+    if base is not None:
+        xs = [np.subtract(x, base, out=x) for x in xs]
+    out = geo.nuslerp(
+        t, xs[0], xs[1], row_wise=flags["nuslerp_row_wise"], flatten=flags["nuslerp_flatten"]
+    )
+    return out if base is None else base + out
+
+
 KERNELS: dict[str, Callable] = {
     "task_arithmetic": _task_arithmetic(None, False),
     "dem": _task_arithmetic(None, False),
@@ -58,12 +70,20 @@ KERNELS: dict[str, Callable] = {
     "dare_ties": _task_arithmetic("random", True),
     "della": _task_arithmetic("della", True),
     "della_linear": _task_arithmetic("della", False),
-    "linear": lambda base, xs, v, flags, rng: hk.linear(
+    "linear": lambda base, xs, v, flags, rng: geo.linear(
         xs, np.asarray(v["weight"]), flags["normalize"]
     ),
-    "slerp": lambda base, xs, v, flags, rng: hk.slerp(base, xs[0], v["t"]),
-    "model_stock": lambda base, xs, v, flags, rng: hk.model_stock(base, xs, flags["filter_wise"]),
-    "passthrough": lambda base, xs, v, flags, rng: hk.passthrough(xs[0], v["scale"][0]),
+    "slerp": lambda base, xs, v, flags, rng: geo.slerp(base, xs[0], v["t"]),
+    "nuslerp": lambda base, xs, v, flags, rng: _nuslerp(base, xs, v, flags),
+    "multislerp": lambda base, xs, v, flags, rng: geo.multislerp(
+        xs, v["weight"], base, normalize_weights=flags["normalize_weights"], eps=v["eps"]
+    ),
+    "nearswap": lambda base, xs, v, flags, rng: geo.nearswap(base, xs[0], v["t"]),
+    "model_stock": lambda base, xs, v, flags, rng: geo.model_stock(base, xs, flags["filter_wise"]),
+    "passthrough": lambda base, xs, v, flags, rng: geo.passthrough(xs[0], v["scale"][0]),
+    "sce": lambda base, xs, v, flags, rng: hk.sce(
+        base, [np.subtract(x, base, out=x) for x in xs], v["select_topk"]
+    ),
 }
 """Per HF tensor: (base float32 or None, inputs float32, values of this tensor
 (per-model ones as lists), static flags, the tensor's random generator) -> float32."""
