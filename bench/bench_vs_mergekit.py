@@ -12,7 +12,8 @@ dem-jax runs with ``--engine`` (auto: the host executor for these methods) and i
 compilation cache (as a user's second merge does) unless ``--cold``, which gives it
 an empty cache every time. Methods are merge_method names (nuslerp, nearswap, sce,
 passthrough: a frankenmerge of two models, slerp_slices: slerp written as one slice
-with a filtered t gradient, as mergekit's examples write it). Printed per row: the
+with a filtered t gradient, as mergekit's examples write it; any other name gets the
+fine-tunes with weights 1/n). Printed per row: the
 minimum and median wall time of each tool, mergekit / dem-jax (the speed-up, from the
 medians), and each tool's peak RSS (``os.wait4``) beside issue #12's goal, 1.2 x one
 model + 1 GiB.
@@ -52,6 +53,10 @@ def merge_yaml(method: str, paths: list[Path], dtype: str = "float32") -> dict:
         return {**cfg, "models": models[:2]}
     if method == "nearswap":
         return {**cfg, "models": [{"model": str(paths[1])}], "parameters": {"t": 0.001}}
+    if method in ("karcher", "ram"):  # karcher averages the base as one more input
+        return {**cfg, "models": [{"model": str(p)} for p in paths[1:]]}
+    if method == "arcee_fusion":
+        return {**cfg, "models": [{"model": str(paths[1])}]}
     if method == "sce":
         return {
             **cfg,

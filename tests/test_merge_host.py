@@ -22,6 +22,7 @@ from test_merge import make_family
 from dem_jax import cli
 from dem_jax.errors import DemError
 from dem_jax.merge import host_kernels as hk
+from dem_jax.merge import host_masks as masks
 from dem_jax.merge import host_methods
 from dem_jax.merge.from_config import merge_from_config
 
@@ -246,13 +247,13 @@ def test_random_methods_seeded_per_engine(family, tmp_path, method):
 @pytest.mark.parametrize(
     "method, flags, needle",
     [
-        ("karcher", [], "merge_method karcher runs on the JAX engine"),
+        ("parameter_selection", [], "merge_method parameter_selection runs on the JAX engine"),
         ("ties", ["--format", "orbax"], "--format hf"),
         ("ties", ["--mesh", "fsdp=1"], "without a device mesh"),
     ],
 )
 def test_engine_host_says_why_not(family, tmp_path, capsys, method, flags, needle):
-    params = {} if method == "karcher" else {"weight": 0.5, "density": 0.5}
+    params = {} if method == "parameter_selection" else {"weight": 0.5, "density": 0.5}
     models = [{"model": str(p), "parameters": params} for p in family[1:3]]
     path = tmp_path / "m.yaml"
     path.write_text(yaml.safe_dump(config(family, method, models)))
@@ -429,6 +430,10 @@ MORE = [
     ("nearswap", [{}], {"t": [0.001, 0.02]}, True),
     ("sce", [{}, {}, {}], {"select_topk": 0.4}, True),
     ("sce", [{}, {}], {"select_topk": [{"filter": "mlp", "value": 1.0}, {"value": 0.7}]}, True),
+    ("karcher", [{}, {}, {}], {"max_iter": [1, 9]}, False),
+    ("karcher", [{}, {}], {"tol": 1e-3}, True),  # the base averaged as one more input
+    ("ram", [{}, {}, {}], {"epsilon": 0.003}, True),
+    ("ramplus_tl", [{}, {}, {}], {"epsilon": 0.003, "r": 0.5, "alpha": [0.1, 0.6]}, True),
 ]
 
 
@@ -444,5 +449,34 @@ def test_more_methods_equal_the_jax_engine(family, tmp_path, method, settings, s
     if with_base:
         cfg["base_model"] = str(family[0])
     host_out, jax_out = both_engines(tmp_path, cfg)
-    # SCE's variance top-k is the same selection on both (entries left at the base)
-    assert_same_merge(host_out, jax_out, base=family[0] if method == "sce" else None, rtol=1e-5)
+    # the same selections (entries left at the base) for the methods that keep entries
+    selects = method in ("sce", "ram", "ramplus_tl")
+    assert_same_merge(host_out, jax_out, base=family[0] if selects else None, rtol=1e-5)
+
+
+def test_arcee_fusion_is_its_definition():
+    # The importance's KL is a sum of p log(p / q) with p ~ q: float32 gets it to about
+    # 1 % (XLA, torch and NumPy each differ), so entries whose float64 importance lies
+    # within 5 % of the threshold may go either way; every other entry must be decided
+    # as the float64 definition decides it, with the model's value or the base's.
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal((64, 48)).astype(np.float32)
+    model = base + (0.05 * rng.standard_normal(base.shape)).astype(np.float32)
+    out = masks.arcee_fusion(base, model.copy())
+    b, m = base.astype(np.float64), model.astype(np.float64)
+
+    def softmax(x):
+        e = np.exp(x - x.max(axis=-1, keepdims=True))
+        return e / e.sum(axis=-1, keepdims=True)
+
+    p, q = softmax(m) + 1e-8, softmax(b) + 1e-8
+    importance = np.abs(m - b) * np.sum(p * np.log(p / q), axis=-1, keepdims=True)
+    s = np.sort(importance.reshape(-1))
+    q1, med, q3 = (s[int(np.float32(x) * np.float32(s.size - 1))] for x in (0.25, 0.5, 0.75))
+    threshold = med + 1.5 * (q3 - q1)
+    clear = np.abs(importance - threshold) > 0.05 * threshold
+    moved = base + (model - base)  # the model's value, as float32 computes it
+    want = np.where(importance >= threshold, moved, base)
+    np.testing.assert_array_equal(out[clear], want[clear])
+    assert np.all((out == moved) | (out == base))
+    assert 0 < np.sum(out != base) < base.size / 4 and clear.mean() > 0.95

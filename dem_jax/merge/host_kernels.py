@@ -388,31 +388,3 @@ def _sum0(xs: Sequence) -> np.ndarray:
     for x in xs[1:]:
         out += x
     return out
-
-
-def sce(base: np.ndarray, deltas: Sequence[np.ndarray], select_topk: float) -> np.ndarray:
-    """``sce.sce`` on task vectors (overwritten): keep the ``select_topk`` fraction of
-    entries of largest variance across the models (``int(nonzero · frac)`` of them,
-    equal variances taken in flat order), weigh each task vector by its mean square over
-    their sum, erase entries against the majority sign, and add
-    ``Σ_i w_i M_i d_i / max(Σ_i w_i M_i, 1e-6)`` to the base."""
-    n, frac = len(deltas), F32(select_topk)
-    if frac < 1:
-        keep = np.zeros(base.shape, bool)
-        if frac > 0:
-            mean = _sum0(deltas) / F32(n)  # jnp.var: the mean, then the mean square
-            var = _sum0([np.square(d - mean) for d in deltas]) / F32(n)
-            k = int(np.trunc(F32(np.count_nonzero(var)) * frac))
-            keep = top_k_mask(var, k)
-        for d in deltas:
-            np.multiply(d, keep, out=d)
-    power = [np.float64(np.dot(d.reshape(-1), d.reshape(-1))) / d.size for d in deltas]
-    total = sum(power)
-    w = [F32(1 / n) if abs(total) < 1e-6 else F32(p / total) for p in power]
-    s = np.where(_sum0(deltas) >= 0, F32(1), F32(-1))
-    mixed, divisor = np.zeros_like(base), np.zeros_like(base)
-    for i, d in enumerate(deltas):
-        wm = (np.sign(d) == s) * w[i]  # w_i M_i
-        mixed += d * wm
-        divisor += wm
-    return base + mixed / np.maximum(divisor, F32(1e-6))

@@ -11,6 +11,7 @@ import numpy as np
 
 from dem_jax.merge import host_geometry as geo
 from dem_jax.merge import host_kernels as hk
+from dem_jax.merge import host_masks as masks
 
 
 def _task_arithmetic(sparsifier: str | None, consensus: bool) -> Callable:
@@ -49,11 +50,16 @@ def _task_arithmetic(sparsifier: str | None, consensus: bool) -> Callable:
     return kernel
 
 
+def _deltas(base, xs):
+    """The inputs' task vectors, in their own buffers."""
+    return [np.subtract(x, base, out=x) for x in xs]
+
+
 def _nuslerp(base, xs, v, flags):
     """Two models, or their task vectors when there is a base."""
     t = geo.nuslerp_t(*v["weight"])
     if base is not None:
-        xs = [np.subtract(x, base, out=x) for x in xs]
+        xs = _deltas(base, xs)
     out = geo.nuslerp(
         t, xs[0], xs[1], row_wise=flags["nuslerp_row_wise"], flatten=flags["nuslerp_flatten"]
     )
@@ -81,9 +87,13 @@ KERNELS: dict[str, Callable] = {
     "nearswap": lambda base, xs, v, flags, rng: geo.nearswap(base, xs[0], v["t"]),
     "model_stock": lambda base, xs, v, flags, rng: geo.model_stock(base, xs, flags["filter_wise"]),
     "passthrough": lambda base, xs, v, flags, rng: geo.passthrough(xs[0], v["scale"][0]),
-    "sce": lambda base, xs, v, flags, rng: hk.sce(
-        base, [np.subtract(x, base, out=x) for x in xs], v["select_topk"]
+    "karcher": lambda base, xs, v, flags, rng: geo.karcher(xs, v["max_iter"], v["tol"]),
+    "sce": lambda base, xs, v, flags, rng: masks.sce(base, _deltas(base, xs), v["select_topk"]),
+    "ram": lambda base, xs, v, flags, rng: masks.ram(base, _deltas(base, xs), v["epsilon"]),
+    "ramplus_tl": lambda base, xs, v, flags, rng: masks.ram(
+        base, _deltas(base, xs), v["epsilon"], v["r"], v["alpha"]
     ),
+    "arcee_fusion": lambda base, xs, v, flags, rng: masks.arcee_fusion(base, xs[0]),
 }
 """Per HF tensor: (base float32 or None, inputs float32, values of this tensor
 (per-model ones as lists), static flags, the tensor's random generator) -> float32."""
