@@ -53,6 +53,9 @@ def merge_yaml(method: str, paths: list[Path], dtype: str = "float32") -> dict:
         return {**cfg, "models": models[:2]}
     if method == "nearswap":
         return {**cfg, "models": [{"model": str(paths[1])}], "parameters": {"t": 0.001}}
+    if method == "multislerp":  # of the models (mergekit refuses task vectors that cancel)
+        del cfg["base_model"]
+        return {**cfg, "models": models}
     if method in ("karcher", "ram"):  # karcher averages the base as one more input
         return {**cfg, "models": [{"model": str(p)} for p in paths[1:]]}
     if method == "arcee_fusion":

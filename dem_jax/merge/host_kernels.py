@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
 F32 = np.float32
+_CHUNK = 1 << 16  # elements per step: a step's temporaries stay in the core's L2 cache
 _RESCALE_NORM_EPS = 1e-7  # mergekit's rescaled_masked_tensor (see dem_jax.merge.sparsify)
 
 
@@ -85,6 +87,10 @@ def kth_largest_counts(keys: np.ndarray, k: int) -> tuple[int, int, int]:
         sample.partition([hi_rank, lo_rank])
         lo, hi = sample[hi_rank], sample[lo_rank]
         above = int(np.count_nonzero(keys > hi))
+        if lo == hi:  # one value fills the band (bfloat16 deltas repeat magnitudes)
+            at = int(np.count_nonzero(keys == lo))
+            if above < k <= above + at:
+                return int(lo), above, at
         band = keys[(keys >= lo) & (keys <= hi)]
         if above < k <= above + band.size:
             v = int(np.partition(band, band.size - (k - above))[band.size - (k - above)])
@@ -106,7 +112,19 @@ def top_k(mag: np.ndarray, k: int) -> Keep:
     v, above, at = kth_largest_counts(keys, k)
     if above + at == k:
         return v  # every element at the threshold is kept: a plain comparison
-    return _take_ties(keys > v, keys == v, k).reshape(mag.shape)
+    return Cut(v, _nth_index(keys, v, k - above))
+
+
+def _nth_index(keys: np.ndarray, v: int, n: int) -> int:
+    """The flat index of the ``n``-th (1-based) entry of ``keys`` equal to ``v``, found
+    chunk by chunk (no index array of every tie)."""
+    for start in range(0, keys.size, _CHUNK):
+        eq = keys[start : start + _CHUNK] == v
+        count = int(np.count_nonzero(eq))
+        if count >= n:
+            return start + int(np.flatnonzero(eq)[n - 1])
+        n -= count
+    raise AssertionError("fewer ties than counted")
 
 
 def top_k_mask(mag: np.ndarray, k: int) -> np.ndarray:
@@ -114,7 +132,9 @@ def top_k_mask(mag: np.ndarray, k: int) -> np.ndarray:
     keep = top_k(mag, k)
     if keep is None:
         return np.ones(mag.shape, bool)
-    return keep if isinstance(keep, np.ndarray) else mag.view(np.int32) >= keep
+    if isinstance(keep, np.ndarray):
+        return keep
+    return _kept(mag, keep, slice(None)).reshape(mag.shape)
 
 
 def bottom_k_mask(mag: np.ndarray, k: int) -> np.ndarray:
@@ -150,7 +170,17 @@ def _count(frac: float, numel: int) -> int:
 # threshold (keep |d| >= that float, as int32 bits: no ties to break), a key range
 # (lo, hi] (breadcrumbs), or a mask.
 
-Keep = None | int | tuple[int, int] | np.ndarray
+
+@dataclass(frozen=True)
+class Cut:
+    """Keep keys ``>= v`` at flat indices up to ``last``, ``> v`` after it: the top k
+    where the entries equal to the k-th value are taken lower index first."""
+
+    v: int
+    last: int
+
+
+Keep = None | int | Cut | tuple[int, int] | np.ndarray
 
 
 def magnitude_keep(d: np.ndarray, density: float) -> Keep:
@@ -223,11 +253,11 @@ def della_keep(d: np.ndarray, density: float, epsilon: float, uniform: np.ndarra
 
     Without ranking every entry: ``uniform < p`` is ``r > v``, ``v = (uniform - density
     + epsilon) (m - 1) / (2 epsilon)``, and for ``j = floor(v)`` in [0, m - 1) that is
-    ``|d| > S[j]``, S the row sorted (``|d| < S[j]`` means r < j; keys as int32 bits,
-    so one integer sort per row). ``v < 0`` keeps, ``v >= m - 1`` drops. Where ``|d| ==
-    S[j]`` and that magnitude occurs more than once in the row, the row is ranked
-    exactly, equal magnitudes in flat order; a zero delta is dropped (kept or not, it
-    adds nothing).
+    ``|d| > S[j]``, S the row sorted, when no magnitude repeats in the row (``|d| ==
+    S[j]`` is then the entry itself, r = j; keys as int32 bits, so one integer sort per
+    row). ``v < 0`` keeps, ``v >= m - 1`` drops. Rows where a non-zero magnitude
+    repeats are sorted on 64-bit keys (|d|, column), all distinct, so equal magnitudes
+    rank in flat order. A zero delta is dropped (kept or not, it adds nothing).
     """
     if density >= 1:
         return None
@@ -243,30 +273,36 @@ def della_keep(d: np.ndarray, density: float, epsilon: float, uniform: np.ndarra
     v *= F32(m - 1) / width
     j = np.maximum(v, 0)  # np.clip costs 4x two plain ufuncs
     np.minimum(j, F32(m - 2), out=j)
-    at = j.astype(np.intp)  # floor for v >= 0, a flat index once rows are added
-    at += np.arange(0, keys.size, m, dtype=np.intp)[:, None]
+    j = j.astype(np.intp)  # floor for v >= 0
     ordered = np.sort(keys, axis=-1)
-    s_j = ordered.reshape(-1).take(at)
-    keep = keys > s_j
+    repeats = ordered[:, 1:] == ordered[:, :-1]
+    repeats &= ordered[:, 1:] != 0  # equal zeros rank no other entry differently
+    tied = np.flatnonzero(repeats.any(axis=-1))
+    if tied.size * 2 > keys.shape[0]:  # mostly tied (bfloat16 deltas): every row exactly
+        packed = _distinct(keys)
+        keep = packed > _at_ranks(np.sort(packed, axis=-1), j)
+    else:
+        keep = keys > _at_ranks(ordered, j)
+        if tied.size:
+            packed = _distinct(keys[tied])
+            keep[tied] = packed > _at_ranks(np.sort(packed, axis=-1), j[tied])
     keep &= v < m - 1
     keep |= v < 0
-    # |d| == S[j]: the entry itself is S[j] (r == j: dropped, as keep says) unless its
-    # magnitude occurs more than once in the row, the rare case ranked exactly.
-    eq = np.flatnonzero(keys == s_j)
-    fv, fk = v.reshape(-1)[eq], keys.reshape(-1)[eq]
-    eq = eq[(fv >= 0) & (fv < m - 1) & (fk != 0)]
-    pos = at.reshape(-1)[eq]  # the flat index of S[j]
-    flat_s, here = ordered.reshape(-1), s_j.reshape(-1)[eq]
-    dup = (flat_s[np.maximum(pos - 1, 0)] == here) & (pos % m > 0)
-    dup |= flat_s[pos + 1] == here  # j <= m - 2: still in the row
-    rows = np.unique(eq[dup] // m)
-    if rows.size:  # exact ranks (stable: equal magnitudes in flat order) for those rows
-        order = np.argsort(keys[rows], axis=-1, kind="stable")
-        rank = np.empty(order.shape, F32)
-        np.put_along_axis(rank, order, np.arange(m, dtype=F32)[None, :], axis=-1)
-        keep[rows] = (rank > v[rows]) & (keys[rows] != 0)
     keep &= keys != 0
     return keep.reshape(d.shape)
+
+
+def _distinct(keys: np.ndarray) -> np.ndarray:
+    """Rows of int32 keys as int64 (key, column): all distinct, in the stable order."""
+    packed = keys.astype(np.int64) << 32
+    packed |= np.arange(keys.shape[-1], dtype=np.int64)
+    return packed
+
+
+def _at_ranks(ordered: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """``ordered[r, j[r, c]]``: each row's sorted keys at the given ranks."""
+    rows = np.arange(0, ordered.size, ordered.shape[-1], dtype=np.intp)[:, None]
+    return ordered.reshape(-1).take(j + rows)
 
 
 def _apply(d: np.ndarray, keep: Keep) -> np.ndarray:
@@ -280,11 +316,17 @@ def _kept(d: np.ndarray, keep: Keep, c: slice) -> np.ndarray | None:
     """Boolean mask of the entries of chunk ``d`` (chunk ``c`` of the delta) to keep."""
     if keep is None or isinstance(keep, np.ndarray):
         return None if keep is None else keep[c]
-    bits = d.view(np.int32) & 0x7FFFFFFF  # |d| on the bits (NaN the largest)
-    if isinstance(keep, tuple):  # lo < bits <= hi as one unsigned compare (wraps below lo)
+    bits = d.reshape(-1).view(np.int32) & 0x7FFFFFFF  # |d| on the bits (NaN the largest)
+    if isinstance(keep, Cut):  # >= v up to index `last`: a prefix of this chunk at most
+        upto = min(max(keep.last + 1 - (c.start or 0), 0), bits.size)
+        out = bits > keep.v
+        out[:upto] |= bits[:upto] == keep.v
+    elif isinstance(keep, tuple):  # lo < bits <= hi as one unsigned compare (wraps below lo)
         bits -= np.int32(keep[0] + 1)
-        return bits.view(np.uint32) < np.uint32(keep[1] - keep[0])
-    return bits >= keep
+        out = bits.view(np.uint32) < np.uint32(keep[1] - keep[0])
+    else:
+        out = bits >= keep
+    return out.reshape(d.shape)
 
 
 def _l1_scale(d: np.ndarray, keep: Keep) -> np.float32:
@@ -309,8 +351,6 @@ def _l1_scale(d: np.ndarray, keep: Keep) -> np.float32:
 
 
 # ------------------------------------------------------------------ methods
-
-_CHUNK = 1 << 16  # elements per step: a step's temporaries stay in the core's L2 cache
 
 
 def task_arithmetic(
