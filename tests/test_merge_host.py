@@ -480,3 +480,40 @@ def test_arcee_fusion_is_its_definition():
     np.testing.assert_array_equal(out[clear], want[clear])
     assert np.all((out == moved) | (out == base))
     assert 0 < np.sum(out != base) < base.size / 4 and clear.mean() > 0.95
+
+
+@pytest.mark.parametrize("rescale", [False, True])
+def test_a_tie_cut_keeps_what_its_mask_keeps_across_chunks(rescale):
+    # Magnitudes on a coarse grid: the k-th value repeats, so TIES's keep is a Cut
+    # (>= v up to one flat index) applied chunk by chunk; it must keep exactly the
+    # top-k mask (ties lower index first) wherever the cut falls in a chunk.
+    rng = np.random.default_rng(7)
+    shape = (5, 3 * hk._CHUNK // 5 + 17)  # several chunks, ragged last
+    base = rng.standard_normal(shape).astype(np.float32)
+    deltas = [np.round(rng.standard_normal(shape) * 4).astype(np.float32) / 64 for _ in range(3)]
+    for density in (0.13, 0.5, 0.77):
+        cuts = [hk.magnitude_keep(d, density) for d in deltas]
+        assert all(isinstance(c, hk.Cut) for c in cuts)
+        k = int(density * base.size)
+        masks = []  # by a stable sort: the k largest, equal magnitudes lower index first
+        for d in deltas:
+            mask = np.zeros(d.size, bool)
+            mask[np.argsort(-np.abs(d).reshape(-1), kind="stable")[:k]] = True
+            masks.append(mask.reshape(shape))
+        for d, c, m in zip(deltas, cuts, masks, strict=True):
+            np.testing.assert_array_equal(hk._kept(d, c, slice(None)), m)
+        w = np.array([0.5, 0.3, 0.9])
+        runs = [
+            hk.task_arithmetic(
+                base,
+                [d.copy() for d in deltas],
+                w,
+                keeps=keeps,
+                rescale=rescale,
+                consensus=True,
+                normalize=True,
+                lam=1.0,
+            )
+            for keeps in (cuts, masks)
+        ]
+        np.testing.assert_array_equal(runs[0], runs[1])
