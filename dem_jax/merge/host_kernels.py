@@ -264,11 +264,21 @@ def della_keep(d: np.ndarray, density: float, epsilon: float, uniform: np.ndarra
     if density <= 0:
         return np.zeros(d.shape, bool)
     m = d.shape[-1] if d.ndim else 1
-    keys = (d.view(np.int32) & 0x7FFFFFFF).reshape(-1, m)  # |d| as ordered integers
-    u = uniform.reshape(-1, m)
+    rows, u = d.reshape(-1, m), uniform.reshape(-1, m)
     lo, width = F32(density - epsilon), F32(2 * epsilon)
     if m == 1 or width == 0:
-        return (u < lo + width * F32(0.5 if m == 1 else 0)).reshape(d.shape) & (keys != 0)
+        return (u < lo + width * F32(0.5 if m == 1 else 0)).reshape(d.shape) & (d != 0)
+    keep = np.empty(rows.shape, bool)
+    step = max(1, _CHUNK // m)  # rows at a time: temporaries stay in cache, not paged in
+    for r in range(0, rows.shape[0], step):
+        keep[r : r + step] = _della_rows(rows[r : r + step], u[r : r + step], lo, width)
+    return keep.reshape(d.shape)
+
+
+def _della_rows(d: np.ndarray, u: np.ndarray, lo: np.float32, width: np.float32) -> np.ndarray:
+    """:func:`della_keep` on whole rows ``d`` (2-D, m > 1) with their uniforms ``u``."""
+    m = d.shape[-1]
+    keys = d.view(np.int32) & 0x7FFFFFFF  # |d| as ordered integers
     v = u - lo
     v *= F32(m - 1) / width
     j = np.maximum(v, 0)  # np.clip costs 4x two plain ufuncs
@@ -289,7 +299,7 @@ def della_keep(d: np.ndarray, density: float, epsilon: float, uniform: np.ndarra
     keep &= v < m - 1
     keep |= v < 0
     keep &= keys != 0
-    return keep.reshape(d.shape)
+    return keep
 
 
 def _distinct(keys: np.ndarray) -> np.ndarray:
