@@ -21,3 +21,13 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+
+# The longest tests (each a pipeline of several CLI runs) start first, and idle workers
+# steal queued tests (--dist worksteal in pyproject): one started last would otherwise
+# run alone at the end while the other cores idle.
+_LONGEST = ("test_chain_on_two_processes_equals_one", "test_pipeline_with_every_path_on_gcs")
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: not item.name.startswith(_LONGEST))  # stable otherwise

@@ -428,10 +428,9 @@ MORE = [
     ("multislerp", [{"weight": 0.3}, {"weight": 0.6}, {"weight": 0.2}], {}, True),
     ("multislerp", [{"weight": 1.0}, {"weight": 2.0}], {"normalize_weights": False}, False),
     ("nearswap", [{}], {"t": [0.001, 0.02]}, True),
-    ("sce", [{}, {}, {}], {"select_topk": 0.4}, True),
-    ("sce", [{}, {}], {"select_topk": [{"filter": "mlp", "value": 1.0}, {"value": 0.7}]}, True),
-    ("karcher", [{}, {}, {}], {"max_iter": [1, 9]}, False),
-    ("karcher", [{}, {}], {"tol": 1e-3}, True),  # the base averaged as one more input
+    ("sce", [{}, {}, {}], {"select_topk": [{"filter": "mlp", "value": 1.0}, {"value": 0.4}]}, True),
+    # the base averaged as one more input; max_iter 1, 5 and 9 over the layers
+    ("karcher", [{}, {}], {"max_iter": [1, 9], "tol": 1e-4}, True),
     ("ram", [{}, {}, {}], {"epsilon": 0.003}, True),
     ("ramplus_tl", [{}, {}, {}], {"epsilon": 0.003, "r": 0.5, "alpha": [0.1, 0.6]}, True),
 ]
