@@ -26,7 +26,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 # The longest tests (each a pipeline of several CLI runs) start first, and idle workers
 # steal queued tests (--dist worksteal in pyproject): one started last would otherwise
 # run alone at the end while the other cores idle.
-_LONGEST = ("test_chain_on_two_processes_equals_one", "test_pipeline_with_every_path_on_gcs")
+_LONGEST = (  # 60-190 s each on 2 cores
+    "test_chain_on_two_processes_equals_one",
+    "test_two_processes_equal_one",
+    "test_pipeline_with_every_path_on_gcs",
+    "test_adding_a_distribution_trains_only_it",
+)
 
 
 def pytest_collection_modifyitems(config, items):
