@@ -516,3 +516,41 @@ def test_a_tie_cut_keeps_what_its_mask_keeps_across_chunks(rescale):
             for keeps in (cuts, masks)
         ]
         np.testing.assert_array_equal(runs[0], runs[1])
+
+
+def test_a_breadcrumbs_band_keeps_its_stable_ranks_across_chunks():
+    # Repeated magnitudes at both ends of breadcrumbs' kept ranks: a Band (ties at the
+    # bottom value dropped, at the top value kept, lower index first) applied chunk by
+    # chunk must keep exactly the stable ascending ranks n_bot .. n - n_top - 1.
+    rng = np.random.default_rng(11)
+    shape = (4, 3 * hk._CHUNK // 4 + 9)
+    d = np.round(rng.standard_normal(shape) * 6).astype(np.float32) / 64
+    n = d.size
+    rank = np.empty(n, np.int64)
+    rank[np.argsort(np.abs(d).reshape(-1), kind="stable")] = np.arange(n)
+    for density, gamma in [(0.5, 0.1), (0.2, 0.3), (0.9, 0.0), (0.3, 0.7), (0.0, 0.0)]:
+        keep = hk.breadcrumbs_keep(d, density, gamma)
+        target, n_top = int(density * n), int(gamma * n)
+        n_bot = n - target - n_top
+        if n_bot < 0:
+            n_top, n_bot = n_top + n_bot, 0
+        want = ((rank >= n_bot) & (rank < n - n_top)).reshape(shape)
+        got = np.ones(shape, bool) if keep is None else hk._kept(d, keep, slice(None))
+        np.testing.assert_array_equal(got, want, err_msg=f"{density} {gamma} {keep}")
+        if density in (0.5, 0.2):
+            assert isinstance(keep, hk.Band)
+        base = rng.standard_normal(shape).astype(np.float32)
+        runs = [
+            hk.task_arithmetic(
+                base,
+                [d.copy()],
+                np.array([0.7]),
+                keeps=[k],
+                rescale=True,
+                consensus=True,
+                normalize=False,
+                lam=1.0,
+            )
+            for k in (keep, want)
+        ]
+        np.testing.assert_array_equal(runs[0], runs[1])

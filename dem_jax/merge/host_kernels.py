@@ -180,7 +180,19 @@ class Cut:
     last: int
 
 
-Keep = None | int | Cut | tuple[int, int] | np.ndarray
+@dataclass(frozen=True)
+class Band:
+    """Keep keys ``> lo`` (and ``== lo`` after flat index ``lo_last``) and ``< hi`` (and
+    ``== hi`` up to flat index ``hi_last``): stable ascending ranks in a range, ties at
+    either end split by index."""
+
+    lo: int
+    lo_last: int
+    hi: int
+    hi_last: int
+
+
+Keep = None | int | Cut | Band | tuple[int, int] | np.ndarray
 
 
 def magnitude_keep(d: np.ndarray, density: float) -> Keep:
@@ -216,8 +228,20 @@ def breadcrumbs_keep(d: np.ndarray, density: float, gamma: float) -> Keep:
         clean = n - above == n - n_top
     if clean:
         return (lo, hi)
-    mag = keys.view(F32).reshape(d.shape)
-    return bottom_k_mask(mag, n - n_top) & ~bottom_k_mask(mag, n_bot)
+    # Equal magnitudes at an end: ranks are stable (lower index, lower rank), so the
+    # first ties at the bottom value are dropped and the first at the top value kept.
+    lo_v, lo_last = -1, -1
+    if n_bot > 0:
+        lo_v, above, at = kth_largest_counts(keys, n - n_bot)  # ascending rank n_bot
+        dropped = n_bot - (n - above - at)  # of its ties, in index order
+        lo_last = _nth_index(keys, lo_v, dropped) if dropped > 0 else -1
+    hi_v, hi_last = int(np.iinfo(np.int32).max), n
+    if n_top >= n:  # gamma 1: nothing is kept
+        hi_v, hi_last = -1, -1
+    elif n_top > 0:
+        hi_v, above, at = kth_largest_counts(keys, n_top + 1)  # ascending rank n - n_top - 1
+        hi_last = _nth_index(keys, hi_v, n - n_top - (n - above - at))
+    return Band(lo_v, lo_last, hi_v, hi_last)
 
 
 def random_bits(gen: np.random.BitGenerator, shape: tuple[int, ...]) -> np.ndarray:
@@ -327,16 +351,30 @@ def _kept(d: np.ndarray, keep: Keep, c: slice) -> np.ndarray | None:
     if keep is None or isinstance(keep, np.ndarray):
         return None if keep is None else keep[c]
     bits = d.reshape(-1).view(np.int32) & 0x7FFFFFFF  # |d| on the bits (NaN the largest)
+    start = c.start or 0
     if isinstance(keep, Cut):  # >= v up to index `last`: a prefix of this chunk at most
-        upto = min(max(keep.last + 1 - (c.start or 0), 0), bits.size)
+        upto = _prefix(keep.last, start, bits.size)
         out = bits > keep.v
         out[:upto] |= bits[:upto] == keep.v
+    elif isinstance(keep, Band):
+        upto = _prefix(keep.lo_last, start, bits.size)
+        out = bits >= keep.lo
+        out[:upto] = bits[:upto] > keep.lo  # ties at lo up to lo_last are dropped
+        upto = _prefix(keep.hi_last, start, bits.size)
+        below = bits < keep.hi
+        below[:upto] |= bits[:upto] == keep.hi  # ties at hi up to hi_last are kept
+        out &= below
     elif isinstance(keep, tuple):  # lo < bits <= hi as one unsigned compare (wraps below lo)
         bits -= np.int32(keep[0] + 1)
         out = bits.view(np.uint32) < np.uint32(keep[1] - keep[0])
     else:
         out = bits >= keep
     return out.reshape(d.shape)
+
+
+def _prefix(last: int, start: int, size: int) -> int:
+    """How many entries of a chunk at ``start`` (of ``size``) lie at flat index <= last."""
+    return min(max(last + 1 - start, 0), size)
 
 
 def _l1_scale(d: np.ndarray, keep: Keep) -> np.float32:
