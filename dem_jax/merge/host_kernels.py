@@ -137,28 +137,6 @@ def top_k_mask(mag: np.ndarray, k: int) -> np.ndarray:
     return _kept(mag, keep, slice(None)).reshape(mag.shape)
 
 
-def bottom_k_mask(mag: np.ndarray, k: int) -> np.ndarray:
-    """Boolean mask of the ``k`` smallest entries of non-negative ``mag``, equal values
-    taken lower index first (``dem_jax.merge.sparsify._smallest``)."""
-    n = mag.size
-    if k <= 0:
-        return np.zeros(mag.shape, bool)
-    if k >= n:
-        return np.ones(mag.shape, bool)
-    keys = mag.reshape(-1).view(np.int32)
-    v = np.partition(keys, k - 1)[k - 1]
-    return _take_ties(keys < v, keys == v, k).reshape(mag.shape)
-
-
-def _take_ties(keep: np.ndarray, at: np.ndarray, k: int) -> np.ndarray:
-    """``keep`` plus the first ``k - count(keep)`` entries of ``at`` in index order."""
-    need = k - int(np.count_nonzero(keep))
-    if np.count_nonzero(at) > need:
-        at &= np.cumsum(at, dtype=np.int64) <= need
-    keep |= at
-    return keep
-
-
 def _count(frac: float, numel: int) -> int:
     """mergekit's ``int(frac * numel)`` (Python float64)."""
     return int(np.clip(np.trunc(frac * numel), -(2**31), 2**31 - 1))
@@ -167,8 +145,8 @@ def _count(frac: float, numel: int) -> int:
 # ------------------------------------------------------------------ sparsifiers
 #
 # A sparsifier returns what to keep of one model's delta: None (all of it), a key
-# threshold (keep |d| >= that float, as int32 bits: no ties to break), a key range
-# (lo, hi] (breadcrumbs), or a mask.
+# threshold (keep |d| >= that float, as int32 bits: no ties to break), a Cut (top k
+# with ties split by index), a key range (lo, hi] or a Band (breadcrumbs), or a mask.
 
 
 @dataclass(frozen=True)
@@ -214,33 +192,27 @@ def breadcrumbs_keep(d: np.ndarray, density: float, gamma: float) -> Keep:
     n_bot = n - target - n_top
     if n_bot < 0:
         n_top, n_bot = n_top + n_bot, 0
+    if n_bot >= n:
+        return np.zeros(d.shape, bool)
     keys = np.abs(d).reshape(-1).view(np.int32)
-    # Kept: ascending ranks n_bot .. n - n_top - 1. Where no run of equal magnitudes
-    # straddles either end, that is the key range (lo, hi]: two comparisons per entry
-    # instead of two selection masks.
-    lo, hi = -1, int(np.iinfo(np.int32).max)
-    clean = True
-    if n_bot > 0:
-        lo, above, _ = kth_largest_counts(keys, n - n_bot + 1)  # the n_bot-th smallest
-        clean = n - above == n_bot
-    if n_top > 0 and clean:
-        hi, above, _ = kth_largest_counts(keys, n_top + 1) if n_top < n else (-1, n, 0)
-        clean = n - above == n - n_top
-    if clean:
-        return (lo, hi)
-    # Equal magnitudes at an end: ranks are stable (lower index, lower rank), so the
-    # first ties at the bottom value are dropped and the first at the top value kept.
-    lo_v, lo_last = -1, -1
+    # Kept: stable ascending ranks n_bot .. n - n_top - 1 (lower index, lower rank), so
+    # of the entries equal to the bottom value the first are dropped, of those equal to
+    # the top value the first are kept.
+    lo_v, lo_last = 0, -1
     if n_bot > 0:
         lo_v, above, at = kth_largest_counts(keys, n - n_bot)  # ascending rank n_bot
         dropped = n_bot - (n - above - at)  # of its ties, in index order
         lo_last = _nth_index(keys, lo_v, dropped) if dropped > 0 else -1
-    hi_v, hi_last = int(np.iinfo(np.int32).max), n
+    hi_v, hi_last, all_hi = int(np.iinfo(np.int32).max), n, True
     if n_top >= n:  # gamma 1: nothing is kept
         hi_v, hi_last = -1, -1
     elif n_top > 0:
         hi_v, above, at = kth_largest_counts(keys, n_top + 1)  # ascending rank n - n_top - 1
-        hi_last = _nth_index(keys, hi_v, n - n_top - (n - above - at))
+        kept = n - n_top - (n - above - at)  # of its ties, in index order
+        all_hi = kept == at
+        hi_last = n if all_hi else _nth_index(keys, hi_v, kept)
+    if lo_last < 0 and all_hi:  # no ties split: the key range [lo_v, hi_v]
+        return (lo_v - 1, hi_v)
     return Band(lo_v, lo_last, hi_v, hi_last)
 
 

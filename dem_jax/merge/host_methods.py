@@ -14,9 +14,14 @@ from dem_jax.merge import host_kernels as hk
 from dem_jax.merge import host_masks as masks
 
 
+def _deltas(base, xs):
+    """The inputs' task vectors, in their own buffers."""
+    return [np.subtract(x, base, out=x) for x in xs]
+
+
 def _task_arithmetic(sparsifier: str | None, consensus: bool) -> Callable:
     def kernel(base, xs, v, flags, rng):
-        deltas = [np.subtract(x, base, out=x) for x in xs]  # our own buffers
+        deltas = _deltas(base, xs)
         keeps = None
         dens = v.get("density")
         if sparsifier == "magnitude":
@@ -48,11 +53,6 @@ def _task_arithmetic(sparsifier: str | None, consensus: bool) -> Callable:
         )
 
     return kernel
-
-
-def _deltas(base, xs):
-    """The inputs' task vectors, in their own buffers."""
-    return [np.subtract(x, base, out=x) for x in xs]
 
 
 def _nuslerp(base, xs, v, flags):
